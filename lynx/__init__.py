@@ -1,0 +1,1 @@
+"""lynx: train and evaluate Lynx-style hallucination judges on Llama-3."""

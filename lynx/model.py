@@ -1,0 +1,207 @@
+"""Llama-3 / 3.1 / 3.2 decoder in plain PyTorch.
+
+Module and parameter names follow Hugging Face's LlamaForCausalLM (without its `model.` prefix), and rotary
+embeddings use Hugging Face's rotate-half layout, so published checkpoints load without permutation.
+The model knows nothing of parallelism: FSDP2, activation checkpointing and compile are applied from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import fused_linear_cross_entropy
+from lynx.attention import attention
+from lynx.config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32, cast back before the gain: the order Hugging Face uses, for bit-level parity.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
+    """Rotary inverse frequencies [head_dim / 2], with Llama-3.1 "llama3" scaling when configured."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    if not cfg.rope_scaling:
+        return inv_freq
+    s = cfg.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly.
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(cfg: LlamaConfig, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape [B, T, head_dim] for integer positions [B, T]."""
+    inv_freq = rope_inv_freq(cfg, position_ids.device)
+    freqs = position_ids.float()[..., None] * inv_freq  # [B, T, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, T, H, D]; rotate-half layout (pairs are (i, i + D/2))."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache=None, cache_start: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            # Preallocated [B, T_max, H_kv, D] buffers; attend over everything written so far.
+            k_buf, v_buf = kv_cache
+            k_buf[:, cache_start : cache_start + T] = k
+            v_buf[:, cache_start : cache_start + T] = v
+            k, v = k_buf[:, : cache_start + T], v_buf[:, : cache_start + T]
+        out = attention(q, k, v, **attn_kwargs)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache=None, cache_start: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_kwargs, kv_cache, cache_start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class OutputHead(nn.Module):
+    """Final norm, output projection and loss in one module.
+
+    The fused loss reads `lm_head.weight` directly; under FSDP2 that weight is only unsharded inside this module's
+    forward, so the loss must be computed here and not in the caller.
+    """
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, h, labels=None, reduction: str = "mean"):
+        h = self.norm(h)
+        if labels is None:
+            return self.lm_head(h)
+        # Hugging Face convention: labels are aligned with the inputs; position t predicts labels[t + 1].
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+        return fused_linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1), reduction=reduction
+        )
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.head = OutputHead(cfg)
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Share the embedding with the output projection (Llama-3.2 1B/3B). `to_empty` unties, so call again."""
+        if self.config.tie_word_embeddings:
+            self.head.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attn_kwargs: dict | None = None,
+        kv_caches: list | None = None,
+        cache_start: int = 0,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Logits [B, T, V], or with `labels` the next-token loss (never materialising the logits).
+
+        position_ids: [B, T] (default 0..T-1 from cache_start); packed sequences restart them per document.
+        attn_kwargs: passed to `lynx.attention.attention` (a mask for generation, segment info for packing).
+        kv_caches: one (k, v) buffer pair per layer, written at [cache_start, cache_start + T).
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(cache_start, cache_start + T, device=input_ids.device).expand(B, T)
+        h = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.config, position_ids, h.dtype)
+        for i, layer in enumerate(self.layers):
+            cache = kv_caches[i] if kv_caches is not None else None
+            h = layer(h, cos, sin, attn_kwargs or {}, cache, cache_start)
+        return self.head(h, labels, reduction)
+
+    def new_kv_caches(self, batch_size: int, max_len: int, dtype=None, device=None) -> list:
+        cfg = self.config
+        shape = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        dtype = dtype or self.embed_tokens.weight.dtype
+        device = device or self.embed_tokens.weight.device
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in range(cfg.num_hidden_layers)]
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
+        """Random init for training from scratch (after building on the meta device and `to_empty`)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None, device="cpu") -> "Llama":
+        from lynx import checkpoint
+
+        return checkpoint.load_pretrained(cls, path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path, *, max_shard_size: int | str = "5GB", dtype=None) -> None:
+        from lynx import checkpoint
+
+        checkpoint.save_pretrained(self.state_dict(), self.config, path, max_shard_size=max_shard_size, dtype=dtype)
