@@ -1,0 +1,163 @@
+"""Packed-sequence attention: several documents per row must behave exactly like each document alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lynx import attention as attention_module
+from lynx.attention import attention, block_causal_mask
+from lynx.model import Llama
+
+# Two rows of T = 24: row 0 holds documents of 5, 9 and 7 tokens then 3 padding tokens; row 1 holds 12 + 12.
+T = 24
+ROWS = [[5, 9, 7], [12, 12]]
+
+
+def packed_batch(seed=0, vocab=320):
+    """input_ids [2, T], position_ids restarting per segment, cu_seqlens over the flattened tokens, the documents."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.zeros(len(ROWS), T, dtype=torch.long)
+    position_ids = torch.zeros(len(ROWS), T, dtype=torch.long)
+    cu_seqlens, docs = [0], []
+    for b, lengths in enumerate(ROWS):
+        start = 0
+        segments = lengths + ([T - sum(lengths)] if sum(lengths) < T else [])  # padding is its own segment
+        for i, n in enumerate(segments):
+            ids = torch.randint(2, vocab, (n,), generator=g)
+            input_ids[b, start : start + n] = ids
+            position_ids[b, start : start + n] = torch.arange(n)
+            if i < len(lengths):
+                docs.append((b, start, ids))
+            start += n
+            cu_seqlens.append(b * T + start)
+    return input_ids, position_ids, torch.tensor(cu_seqlens, dtype=torch.int32), docs
+
+
+@pytest.fixture
+def model(tiny_checkpoint):
+    return Llama.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+
+
+def fake_flash_attn_varlen_func(calls):
+    """SDPA per segment with flash-attn's varlen signature; records what it was given."""
+
+    def fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, **kwargs):
+        calls.append(dict(q=q.shape, k=k.shape, v=v.shape, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
+                          max_q=max_seqlen_q, max_k=max_seqlen_k, causal=causal, kwargs=kwargs))
+        out = torch.empty_like(q)
+        bounds = cu_seqlens_q.tolist()
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            qs, ks, vs = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))  # [1, H, n, D]
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=qs.shape[1] != ks.shape[1])
+            out[s:e] = o[0].transpose(0, 1)
+        return out
+
+    return fake
+
+
+def test_packed_logits_match_each_document_alone(model):
+    input_ids, position_ids, cu_seqlens, docs = packed_batch()
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    with torch.no_grad():
+        packed = model(input_ids, position_ids=position_ids,
+                       attn_kwargs={"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen})
+        unpacked_plain = model(input_ids)  # sanity: without segment info the logits must differ
+        for b, start, ids in docs:
+            alone = model(ids[None])[0]
+            torch.testing.assert_close(packed[b, start : start + len(ids)], alone, rtol=1e-5, atol=1e-5)
+    # Documents after the first of a row see different context when not packed: the test can tell them apart.
+    b, start, ids = docs[1]
+    assert not torch.allclose(unpacked_plain[b, start : start + len(ids)], packed[b, start : start + len(ids)], atol=1e-3)
+
+
+def test_packed_loss_sums_per_document_losses(model):
+    input_ids, position_ids, cu_seqlens, docs = packed_batch(seed=1)
+    labels = input_ids.clone()
+    labels[0, sum(ROWS[0]):] = -100  # padding
+    for b, start, ids in docs:
+        labels[b, start] = -100  # a document's first token is never a target: no loss across documents
+    kwargs = {"cu_seqlens": cu_seqlens, "max_seqlen": 12}
+    with torch.no_grad():
+        packed = model(input_ids, labels, position_ids=position_ids, attn_kwargs=kwargs, reduction="sum")
+        alone = sum(model(ids[None], ids[None], reduction="sum") for _, _, ids in docs)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-4)
+
+
+def test_flash_varlen_path_passes_int32_offsets_and_flat_shapes(model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(attention_module, "flash_attn_varlen_func", fake_flash_attn_varlen_func(calls))
+    monkeypatch.setattr(attention_module, "use_flash_varlen", lambda q: True)  # bypass the CUDA/dtype condition
+    input_ids, position_ids, cu_seqlens, docs = packed_batch(seed=2)
+    kwargs = {"cu_seqlens": cu_seqlens.to(torch.int64), "max_seqlen": 12}  # int64 in: the path must convert
+    with torch.no_grad():
+        via_flash = model(input_ids, position_ids=position_ids, attn_kwargs=kwargs)
+    cfg = model.config
+    assert len(calls) == cfg.num_hidden_layers
+    for c in calls:
+        assert c["q"] == (len(ROWS) * T, cfg.num_attention_heads, cfg.head_dim)
+        assert c["k"] == c["v"] == (len(ROWS) * T, cfg.num_key_value_heads, cfg.head_dim)
+        assert c["cu_q"].dtype == c["cu_k"].dtype == torch.int32
+        assert c["cu_q"].tolist() == c["cu_k"].tolist() == cu_seqlens.tolist()
+        assert c["max_q"] == c["max_k"] == 12 and isinstance(c["max_q"], int)
+        assert c["causal"] is True
+    monkeypatch.setattr(attention_module, "use_flash_varlen", lambda q: False)
+    with torch.no_grad():
+        via_mask = model(input_ids, position_ids=position_ids, attn_kwargs=kwargs)
+    assert len(calls) == cfg.num_hidden_layers  # the mask path did not call flash
+    torch.testing.assert_close(via_flash, via_mask, rtol=1e-5, atol=1e-5)
+
+
+def test_flash_path_computes_max_seqlen_when_omitted(monkeypatch):
+    calls = []
+    monkeypatch.setattr(attention_module, "flash_attn_varlen_func", fake_flash_attn_varlen_func(calls))
+    monkeypatch.setattr(attention_module, "use_flash_varlen", lambda q: True)
+    q, k, v = torch.randn(1, 10, 4, 8), torch.randn(1, 10, 2, 8), torch.randn(1, 10, 2, 8)
+    attention(q, k, v, cu_seqlens=torch.tensor([0, 3, 10], dtype=torch.int32))
+    assert calls[0]["max_q"] == 7
+
+
+def test_block_causal_mask_is_causal_within_segments_only():
+    mask = block_causal_mask(torch.tensor([0, 2, 5, 6, 10], dtype=torch.int32), 2, 5)
+    expected_row0 = torch.tensor([
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [0, 0, 1, 0, 0],
+        [0, 0, 1, 1, 0],
+        [0, 0, 1, 1, 1],
+    ], dtype=torch.bool)
+    expected_row1 = torch.tensor([
+        [1, 0, 0, 0, 0],
+        [0, 1, 0, 0, 0],
+        [0, 1, 1, 0, 0],
+        [0, 1, 1, 1, 0],
+        [0, 1, 1, 1, 1],
+    ], dtype=torch.bool)
+    assert mask.shape == (2, 1, 5, 5)
+    assert torch.equal(mask[0, 0], expected_row0) and torch.equal(mask[1, 0], expected_row1)
+
+
+def test_packed_matches_per_segment_sdpa_with_gqa_and_gradients():
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 4, 11, 16, 20, 32], dtype=torch.int32)  # B=2, T=16
+    q = torch.randn(2, 16, 4, 8, requires_grad=True)
+    k = torch.randn(2, 16, 2, 8, requires_grad=True)
+    v = torch.randn(2, 16, 2, 8, requires_grad=True)
+    out = attention(q, k, v, cu_seqlens=cu, max_seqlen=12)
+    ref = fake_flash_attn_varlen_func([])(q.reshape(32, 4, 8), k.reshape(32, 2, 8), v.reshape(32, 2, 8),
+                                          cu, cu, 12, 12, causal=True).view(2, 16, 4, 8)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_segment_spanning_two_rows_is_refused():
+    q = torch.randn(2, 4, 2, 8)
+    with pytest.raises(ValueError, match="row"):
+        attention(q, q, q, cu_seqlens=torch.tensor([0, 3, 6, 8], dtype=torch.int32))  # segment 3..6 spans rows
+    with pytest.raises(ValueError, match="either"):
+        attention(q, q, q, cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32),
+                  attn_mask=torch.ones(2, 1, 4, 4, dtype=torch.bool))
