@@ -1,0 +1,173 @@
+"""Batched text generation with a preallocated KV cache.
+
+One prefill of the whole (left-padded) batch, then one decode step per new token. Left padding follows
+transformers: each sequence's positions count only its real tokens (0..L-1, then L, L+1, ... while decoding), and
+padding keys are masked out, so greedy output is token-identical to `transformers` `generate` on the same weights.
+
+Returned tokens exclude the stop token: a sequence that printed `<|eot_id|>` returns what came before it (the
+judge parses that text). `GenerationResult.stopped` says whether a stop id ended the sequence or `max_new_tokens` did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from lynx.model import Llama, rope_cos_sin
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens per prompt, stop token excluded
+    stopped: list[bool]  # True: a stop id ended the sequence; False: max_new_tokens did
+    # With `watch_ids`: per prompt, fp32 logits [n_steps, len(watch_ids)] of those ids at every generated position
+    # (row t = the logits that chose tokens[t]; the last row is the stop step when the sequence stopped).
+    watched_logits: list[torch.Tensor] | None = None
+
+
+def _forward_last(model: Llama, input_ids, position_ids, attn_mask, kv_caches, cache_start: int) -> torch.Tensor:
+    """The model's forward, keeping only the last position's logits [B, V].
+
+    `Llama.forward` projects every position onto the vocabulary; for a 512-token prefill of a 128k vocabulary that
+    is most of the work and memory, and generation only needs the last position. Same modules, same math.
+    """
+    h = model.embed_tokens(input_ids)
+    cos, sin = rope_cos_sin(model.config, position_ids, h.dtype)
+    attn_kwargs = {"attn_mask": attn_mask}
+    for layer, cache in zip(model.layers, kv_caches):
+        h = layer(h, cos, sin, attn_kwargs, cache, cache_start)
+    return model.head(h[:, -1:]).squeeze(1).float()
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """Next token [B] from fp32 logits [B, V]: argmax when temperature == 0, else temperature + nucleus sampling."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does.
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def run_generation(
+    model: Llama,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids=(),
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    pad_id: int = 0,
+    watch_ids: list[int] | None = None,
+) -> GenerationResult:
+    """Generate for a batch of token-id prompts (of any lengths). See the module docstring for the conventions.
+
+    temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature), restricted to the
+    top_p nucleus, from a torch.Generator seeded with `seed` (same seed, same prompts -> same output).
+    watch_ids: token ids whose logits are recorded at every step (the judge reads PASS vs FAIL from them).
+    """
+    if not prompts:
+        return GenerationResult([], [], [] if watch_ids is not None else None)
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+
+    device = model.embed_tokens.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    total = P + max_new_tokens
+    limit = model.config.max_position_embeddings
+    if total > limit:
+        raise ValueError(
+            f"generate: longest prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
+            f"model's max_position_embeddings ({limit}); shorten the prompt or generate fewer tokens"
+        )
+
+    # Left padding: every sequence ends at column P - 1, so one decode step serves the whole batch.
+    input_ids = torch.full((B, P), pad_id, dtype=torch.long)
+    key_valid = torch.zeros(B, total, dtype=torch.bool)  # which cache slots hold real tokens
+    for b, p in enumerate(prompts):
+        input_ids[b, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+        key_valid[b, P - len(p) :] = True  # prompt and every future token
+    input_ids, key_valid = input_ids.to(device), key_valid.to(device)
+    lengths = key_valid[:, :P].sum(-1)
+    # Positions count real tokens only (as transformers); padding slots get 0 and are never attended to.
+    position_ids = (key_valid[:, :P].long().cumsum(-1) - 1).clamp(min=0)
+
+    # Prefill mask: causal and padding-free. A padding query sees only itself, so its row is never all-masked
+    # (an all-masked softmax is NaN, and NaN values in the cache would poison real rows through 0 * NaN).
+    idx = torch.arange(P, device=device)
+    causal = idx[None, :] <= idx[:, None]
+    prefill_mask = (causal[None] & key_valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)[None]
+    prefill_mask = prefill_mask[:, None]  # [B, 1, P, P]
+
+    kv_caches = model.new_kv_caches(B, total)
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    watch = torch.tensor(watch_ids, dtype=torch.long, device=device) if watch_ids is not None else None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)
+    n_new = torch.zeros(B, dtype=torch.long, device=device)  # tokens kept per sequence (stop token excluded)
+    out_tokens, out_watched = [], []
+
+    logits = _forward_last(model, input_ids, position_ids, prefill_mask, kv_caches, 0)
+    positions = lengths.clone()  # position of the next token per sequence
+    for step in range(max_new_tokens):
+        next_token = _sample(logits, temperature, top_p, generator)
+        out_tokens.append(next_token)
+        if watch is not None:
+            out_watched.append(logits[:, watch])
+        is_stop = torch.isin(next_token, stop) & ~done
+        stopped |= is_stop
+        n_new += (~done & ~is_stop).long()
+        done |= is_stop
+        # One host sync per step; it saves every remaining step once all sequences are finished.
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        cache_start = P + step
+        # Finished sequences keep decoding (cheaper than reshaping the batch); their tokens are discarded.
+        decode_mask = key_valid[:, None, None, : cache_start + 1]
+        logits = _forward_last(
+            model, next_token[:, None], positions[:, None], decode_mask, kv_caches, cache_start
+        )
+        positions += 1
+
+    tokens = torch.stack(out_tokens, dim=1).cpu()  # [B, steps]
+    n_new, stopped = n_new.cpu().tolist(), stopped.cpu().tolist()
+    result = GenerationResult([tokens[b, : n_new[b]].tolist() for b in range(B)], stopped)
+    if watch is not None:
+        watched = torch.stack(out_watched, dim=1).cpu()  # [B, steps, W]
+        # Keep the rows up to and including the stop step.
+        result.watched_logits = [watched[b, : n_new[b] + int(stopped[b])] for b in range(B)]
+    return result
+
+
+def generate(
+    model: Llama,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids=(),
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    pad_id: int = 0,
+) -> list[list[int]]:
+    """New token ids per prompt (stop token excluded); greedy when temperature == 0."""
+    return run_generation(
+        model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, temperature=temperature, top_p=top_p,
+        seed=seed, pad_id=pad_id,
+    ).tokens
