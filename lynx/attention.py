@@ -63,8 +63,8 @@ def packed_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int | None =
     if k.shape[1] != T:
         raise ValueError(f"packed attention needs as many keys as queries (got {k.shape[1]} keys, {T} queries)")
     if use_flash_varlen(q):
-        if cu_seqlens.dtype != torch.int32:
-            cu_seqlens = cu_seqlens.to(torch.int32)  # flash-attn reads int32 offsets only
+        # flash-attn reads int32 offsets only, from the GPU.
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         # flash-attn takes the batch flattened into one token axis; GQA (fewer k/v heads) is native.

@@ -62,8 +62,7 @@ def load_rows(path: str | Path) -> list[dict]:
                 errors.append(f"{path}:{lineno}: {problem}")
                 continue
             if "messages" not in row:
-                row = {**row, "messages": [{"role": "user", "content": row["prompt"]},
-                                           {"role": "assistant", "content": row["response"]}]}
+                row = {**row, "messages": row_messages(row)}
             rows.append(row)
     if errors:
         shown = "\n  ".join(errors[:20])
@@ -141,7 +140,8 @@ def chat_ids_and_labels(tokenizer, messages: list[dict]) -> tuple[list[int], lis
         if message["role"] != "assistant":
             continue
         before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)  # ... + assistant header
-        through = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+        last = i == len(messages) - 1
+        through = ids if last else tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
         if ids[: len(before)] != before or ids[: len(through)] != through:
             raise ValueError(f"chat template is not prefix-stable at message {i}: cannot place the assistant labels")
         labels[len(before) : len(through)] = ids[len(before) : len(through)]
@@ -158,19 +158,27 @@ def tokenize_row(tokenizer, row: dict, *, max_seq_len: int, overflow: str = "tru
     """
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
-    messages = row["messages"]
-    n_tokens = len(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
-    truncated = False
-    if n_tokens > max_seq_len:
-        if overflow == "drop":
-            return None
-        messages = truncate_document(tokenizer, messages, max_seq_len)
-        if messages is None:
-            return None
-        truncated = True
+    messages = row_messages(row)
+    ids, labels = chat_ids_and_labels(tokenizer, messages)
+    if len(ids) <= max_seq_len:
+        return Example(ids, labels)
+    if overflow == "drop":
+        return None
+    messages = truncate_document(tokenizer, messages, max_seq_len)
+    if messages is None:
+        return None
     ids, labels = chat_ids_and_labels(tokenizer, messages)
     assert len(ids) <= max_seq_len
-    return Example(ids, labels, truncated)
+    return Example(ids, labels, truncated=True)
+
+
+def row_messages(row: dict) -> list[dict]:
+    """The chat messages of a row: its `messages`, or one user and one assistant turn from `prompt`/`response`."""
+    if "messages" in row:
+        return row["messages"]
+    if "prompt" in row and "response" in row:
+        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+    raise ValueError(f"a row needs 'messages' or 'prompt' and 'response'; got keys {sorted(row)}")
 
 
 def truncate_document(tokenizer, messages: list[dict], max_seq_len: int) -> list[dict] | None:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from lynx import attention as attention_module
 from lynx.attention import attention, block_causal_mask
 from lynx.model import Llama
+from conftest import make_tiny_checkpoint
 
 # Two rows of T = 24: row 0 holds documents of 5, 9 and 7 tokens then 3 padding tokens; row 1 holds 12 + 12.
 T = 24
@@ -35,9 +36,10 @@ def packed_batch(seed=0, vocab=320):
     return input_ids, position_ids, torch.tensor(cu_seqlens, dtype=torch.int32), docs
 
 
-@pytest.fixture
-def model(tiny_checkpoint):
-    return Llama.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("packed") / "tiny")
+    return Llama.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def fake_flash_attn_varlen_func(calls):
@@ -161,3 +163,28 @@ def test_segment_spanning_two_rows_is_refused():
     with pytest.raises(ValueError, match="either"):
         attention(q, q, q, cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32),
                   attn_mask=torch.ones(2, 1, 4, 4, dtype=torch.bool))
+
+
+def test_loader_batches_through_the_model_equal_examples_alone(model):
+    """End to end: PackedLoader's micro-batch (labels, position_ids, cu_seqlens) gives the summed loss of its
+    examples run one by one, and num_target_tokens counts exactly the positions that carry loss."""
+    from lynx.sft_data import Example, PackedLoader
+
+    g = torch.Generator().manual_seed(3)
+    examples = []
+    for n in (7, 13, 4, 9, 11, 6):
+        ids = torch.randint(2, 320, (n,), generator=g).tolist()
+        labels = [-100] * (n // 2) + ids[n // 2 :]  # loss on the second half ("the assistant turn")
+        examples.append(Example(ids, labels))
+    loader = PackedLoader(examples, seq_len=16, micro_batch_size=2, seed=0, drop_last=False)
+    total, total_targets = torch.zeros(()), 0
+    with torch.no_grad():
+        for b in loader:
+            total += model(b["input_ids"], b["labels"], position_ids=b["position_ids"], reduction="sum",
+                           attn_kwargs={"cu_seqlens": b["cu_seqlens"], "max_seqlen": b["max_seqlen"]})
+            total_targets += b["num_target_tokens"]
+        alone = sum(model(torch.tensor([e.input_ids]), torch.tensor([e.labels]), reduction="sum") for e in examples)
+    seen = len(loader) * 2  # drop_last=False may repeat a sequence to fill the last batch; make sure it did not
+    assert seen == len(loader.sequences)
+    torch.testing.assert_close(total, alone, rtol=1e-5, atol=1e-4)
+    assert total_targets == sum(sum(lbl != -100 for lbl in e.labels[1:]) for e in examples)
