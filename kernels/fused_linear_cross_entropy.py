@@ -1,14 +1,243 @@
-"""Fused linear + cross-entropy. PLACEHOLDER reference math until the chunked twin and Triton kernel land
-(issue 3): this version materialises the logits and is only here so the model's loss path exists."""
+"""Fused linear + cross-entropy: the loss of `hidden @ weight.T` without ever materialising the [N, V] logits.
+
+With Llama-3's 128,256-token vocabulary, 8,192 tokens of fp32 logits take 4.2 GB and their gradient as much again.
+Here the logits only ever exist as one [token chunk, vocab block] tile at a time:
+
+    forward   for each vocab block: z = h @ W_b.T -> online log-sum-exp per token (lse [N], fp32)
+              loss_i = lse_i - h_i . W[y_i]         (target logit as an fp32 dot product)
+    backward  for each vocab block: recompute z, dz = (softmax(z) - onehot(y)) * g   (g = dloss/dloss_i)
+              dh += dz @ W_b   (fp32 accumulator [N, H])
+              dW_b = dz.T @ h  (one matmul over all tokens, fp32 accumulation inside it; with several token chunks
+                                the partial products are summed in a small fp32 [vocab block, H] accumulator)
+
+Why recompute in backward (Cut-Cross-Entropy style) rather than computing the gradients during forward (Liger
+style), decided by measurement on the 2-core AVX-512-BF16 CPU this project is developed on (N=4096, H=1024,
+V=128256, bf16; see benchmarks/bench_fused_linear_cross_entropy.py):
+  - Liger style walks token chunks over the full vocabulary, so dW must be accumulated across chunks in a [V, H]
+    fp32 buffer: 525 MB at this shape, more than the whole 0.2x-of-naive memory budget (naive peaks ~2.3 GB),
+    and its dW matmul has only K = chunk tokens, which ran at ~120 GFLOP/s against ~330 GFLOP/s for K = N.
+  - Vocab-block-outer needs the final log-sum-exp before any softmax can be formed, hence two passes and one
+    extra matmul (4 instead of 3) - but each vocab block's dW comes out of one matmul over all tokens, written
+    straight into the output, and the only buffers are one tile plus dh's fp32 accumulator.
+  - Given the two passes anyway, putting the second one in backward costs nothing extra in training, halves the
+    forward cost for evaluation (1 matmul), and keeps no gradient buffers alive between forward and backward
+    (when the rest of the network's activations are live too).
+
+Backends: "torch" is the pure-torch twin (the CPU path and the test oracle). "triton" runs the per-tile softmax /
+log-sum-exp / gradient-of-logits math as Triton kernels (kernels/triton_cross_entropy.py) and leaves the matmuls
+to cuBLAS (or torch on CPU under TRITON_INTERPRET=1). "auto" is triton on CUDA when triton is importable, else torch.
+Both backends share this file's loop, so they run exactly the same math.
+"""
+
+from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+REDUCTIONS = ("mean", "sum")
+BACKENDS = ("auto", "torch", "triton")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Tile budget in elements: the [token chunk, vocab block] logits tile. 8M elements = 32 MB in fp32.
+# A tile covers all tokens when it can (one matmul over all N for each dW block) and as many vocab columns as fit.
+TILE_ELEMENTS = 8 * 1024 * 1024
+MAX_TOKEN_CHUNK = 16384  # above this, tokens are chunked too (dW blocks then accumulate in fp32)
+MIN_VOCAB_BLOCK = 512  # smaller blocks make the dh matmul (K = vocab block) inefficient
+MAX_VOCAB_BLOCK = 8192
+
+
+def tile_sizes(n_tokens: int, vocab: int) -> tuple[int, int]:
+    """(token chunk, vocab block) for the logits tile."""
+    token_chunk = max(1, min(n_tokens, MAX_TOKEN_CHUNK))
+    vocab_block = TILE_ELEMENTS // token_chunk
+    vocab_block = max(MIN_VOCAB_BLOCK, min(MAX_VOCAB_BLOCK, vocab_block, vocab))
+    return token_chunk, max(1, min(vocab_block, vocab))
+
+
+# --- per-tile math, pure torch (the twin of the Triton kernels) -------------------------------------------------
+
+
+def update_lse_torch(z: torch.Tensor, lse: torch.Tensor) -> None:
+    """lse <- logaddexp(lse, logsumexp(z, dim=1)), in fp32. z: [n, v] logits tile; lse: [n] fp32 running value."""
+    torch.logaddexp(lse, torch.logsumexp(z.float(), dim=1), out=lse)
+
+
+def grad_logits_torch(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, v0: int):
+    """dloss/dz for one tile, in z's dtype: (exp(z - lse) - [column == target]) * g.
+
+    z: [n, v] logits of vocab columns v0..v0+v; lse, g: [n] fp32 (g = 0 for ignored tokens); targets: [n] int64.
+    May overwrite z (it is a temporary)."""
+    p = z.float().sub_(lse[:, None]).exp_().mul_(g[:, None])
+    col = targets - v0
+    in_tile = (col >= 0) & (col < z.shape[1])
+    # scatter instead of boolean indexing: no host sync on GPU, and ignored / out-of-tile rows add exactly 0.
+    p.scatter_add_(1, col.clamp(0, z.shape[1] - 1)[:, None], torch.where(in_tile, -g, 0.0)[:, None])
+    return p.to(z.dtype)
+
+
+def _tile_ops(backend: str):
+    if backend == "torch":
+        return update_lse_torch, grad_logits_torch
+    from kernels import triton_cross_entropy
+
+    return triton_cross_entropy.update_lse, triton_cross_entropy.grad_logits
+
+
+# --- the two passes ----------------------------------------------------------------------------------------------
+
+
+def target_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024):
+    """z[i, targets[i]] as fp32 dot products (more exact than reading it from a low-precision logits tile)."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for t0 in range(0, hidden.shape[0], chunk):
+        t1 = min(t0 + chunk, hidden.shape[0])
+        out[t0:t1] = (hidden[t0:t1].float() * weight[targets[t0:t1]].float()).sum(-1)
+    return out
+
+
+def logsumexp_over_vocab(hidden: torch.Tensor, weight: torch.Tensor, backend: str) -> torch.Tensor:
+    """log sum_v exp(hidden @ weight.T)[:, v] as fp32 [N], one logits tile at a time."""
+    update_lse, _ = _tile_ops(backend)
+    N, V = hidden.shape[0], weight.shape[0]
+    token_chunk, vocab_block = tile_sizes(N, V)
+    lse = torch.full((N,), float("-inf"), dtype=torch.float32, device=hidden.device)
+    for v0 in range(0, V, vocab_block):
+        w_block = weight[v0 : v0 + vocab_block]
+        for t0 in range(0, N, token_chunk):
+            z = hidden[t0 : t0 + token_chunk] @ w_block.T
+            update_lse(z, lse[t0 : t0 + token_chunk])
+    return lse
+
+
+def loss_grads(hidden, weight, targets, lse, g, backend: str, need_dhidden: bool, need_dweight: bool):
+    """Gradients of sum_i g_i * loss_i w.r.t. hidden and weight, in the input dtype (None where not needed)."""
+    _, grad_logits = _tile_ops(backend)
+    N, V = hidden.shape[0], weight.shape[0]
+    token_chunk, vocab_block = tile_sizes(N, V)
+    one_token_chunk = token_chunk >= N
+    dhidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dhidden else None
+    dweight = None
+    if need_dweight:  # every block is written below, unless there are no tokens at all
+        dweight = torch.empty_like(weight) if N > 0 else torch.zeros_like(weight)
+    for v0 in range(0, V, vocab_block):
+        w_block = weight[v0 : v0 + vocab_block]
+        dw_acc = None
+        if need_dweight and not one_token_chunk:
+            dw_acc = torch.zeros(w_block.shape, dtype=torch.float32, device=weight.device)
+        for t0 in range(0, N, token_chunk):
+            t1 = min(t0 + token_chunk, N)
+            h = hidden[t0:t1]
+            dz = grad_logits(h @ w_block.T, lse[t0:t1], targets[t0:t1], g[t0:t1], v0)
+            if need_dhidden:
+                if dz.dtype == torch.float32:
+                    dhidden[t0:t1].addmm_(dz, w_block)
+                else:  # low-precision matmul (fp32 inside), summed over vocab blocks in fp32
+                    dhidden[t0:t1] += dz @ w_block
+            if need_dweight:
+                if one_token_chunk:  # the whole token sum happens inside one matmul: write the block directly
+                    torch.mm(dz.T, h, out=dweight[v0 : v0 + vocab_block])
+                else:
+                    dw_acc += dz.T @ h
+        if dw_acc is not None:
+            dweight[v0 : v0 + vocab_block] = dw_acc
+    if dhidden is not None:
+        dhidden = dhidden.to(hidden.dtype)
+    return dhidden, dweight
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index: int, reduction: str, backend: str):
+        valid = targets != ignore_index
+        safe_targets = torch.where(valid, targets, 0)
+        lse = logsumexp_over_vocab(hidden, weight, backend)
+        losses = torch.where(valid, lse - target_logits(hidden, weight, safe_targets), 0.0)
+        loss = losses.sum()
+        # Mean over non-ignored tokens; with none, the sum is 0 and so are the gradients (never 0/0).
+        n_valid = valid.sum().clamp(min=1).float()
+        if reduction == "mean":
+            loss = loss / n_valid
+        ctx.save_for_backward(hidden, weight, targets, lse, n_valid)
+        ctx.ignore_index, ctx.reduction, ctx.backend = ignore_index, reduction, backend
+        return loss  # fp32 whatever the input dtype: a bf16 loss near 12 would be off by up to 0.03
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, targets, lse, n_valid = ctx.saved_tensors
+        need_dhidden, need_dweight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_dhidden or need_dweight):
+            return None, None, None, None, None, None
+        scale = grad_loss.float() / n_valid if ctx.reduction == "mean" else grad_loss.float()
+        g = torch.where(targets != ctx.ignore_index, scale, 0.0).float()
+        dhidden, dweight = loss_grads(hidden, weight, targets, lse, g, ctx.backend, need_dhidden, need_dweight)
+        return dhidden, dweight, None, None, None, None
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"fused_linear_cross_entropy: unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "torch":
+        return backend
+    from kernels.triton_cross_entropy import triton_available
+
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if not triton_available():
+        raise RuntimeError("fused_linear_cross_entropy: backend='triton' needs the triton package, which is not installed")
+    if device.type != "cuda":
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"fused_linear_cross_entropy: backend='triton' on a {device.type} tensor needs TRITON_INTERPRET=1 "
+                "(set before triton is imported); use backend='torch' or 'auto' on CPU"
+            )
+    return backend
+
+
+def _check_inputs(hidden, weight, targets, ignore_index, reduction):
+    name = "fused_linear_cross_entropy"
+    for arg, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{name}: unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"{name}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
+        raise ValueError(
+            f"{name}: expected hidden [N, H], weight [V, H], targets [N]; got hidden {tuple(hidden.shape)}, "
+            f"weight {tuple(weight.shape)}, targets {tuple(targets.shape)}"
+        )
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"{name}: hidden size mismatch: hidden {tuple(hidden.shape)} vs weight {tuple(weight.shape)}")
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{name}: {targets.shape[0]} targets for {hidden.shape[0]} hidden rows")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{name}: weight has an empty vocabulary")
+    if hidden.dtype not in DTYPES or weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"{name}: hidden and weight must share one dtype in {[str(d) for d in DTYPES]}; "
+            f"got {hidden.dtype} and {weight.dtype}"
+        )
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: targets must be int64 or int32, got {targets.dtype}")
+    if not (hidden.device == weight.device == targets.device):
+        raise ValueError(f"{name}: tensors on different devices: {hidden.device}, {weight.device}, {targets.device}")
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+    if bool(bad.any()):  # one host sync; a wrong target would otherwise be a silent wrong loss
+        first = int(targets[bad][0])
+        raise ValueError(f"{name}: target {first} out of range [0, {weight.shape[0]}) (ignore_index={ignore_index})")
 
 
 def fused_linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean", backend="auto"):
-    logits = F.linear(hidden, weight).float()
-    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
-    if reduction == "sum":
-        return loss
-    n = (targets != ignore_index).sum()
-    return loss / n.clamp(min=1)
+    """Cross-entropy of the logits `hidden @ weight.T` against `targets`, without materialising the logits.
+
+    hidden [N, H], weight [V, H] (same dtype: fp32, bf16 or fp16), targets [N] (int; `ignore_index` = no loss).
+    reduction "mean" averages over non-ignored tokens (0 with zero gradients when all are ignored), "sum" adds.
+    Returns an fp32 scalar, differentiable w.r.t. hidden and weight (gradients in the input dtype).
+    """
+    _check_inputs(hidden, weight, targets, ignore_index, reduction)
+    backend = _resolve_backend(backend, hidden.device)
+    return FusedLinearCrossEntropy.apply(
+        hidden.contiguous(), weight.contiguous(), targets.long().contiguous(), ignore_index, reduction, backend
+    )

@@ -1,0 +1,291 @@
+"""kernels.fused_linear_cross_entropy against the fp32 reference F.cross_entropy(F.linear(h, w).float(), y).
+
+The Triton backend runs in a subprocess with TRITON_INTERPRET=1 set before triton is imported (this file is the
+subprocess's script: see `python tests/test_fused_linear_cross_entropy.py --triton-interpret`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import fused_linear_cross_entropy
+
+# `kernels.fused_linear_cross_entropy` the attribute is the function (re-exported by kernels/__init__.py).
+flce_module = importlib.import_module("kernels.fused_linear_cross_entropy")
+
+
+def make_inputs(N, H, V, *, dtype=torch.float32, ignore_frac=0.2, logit_scale=1.0, seed=0):
+    """Random hidden/weight with logits of std ~logit_scale*3, targets with `ignore_frac` set to -100."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * (3.0 * logit_scale / H**0.5)
+    targets = torch.randint(0, V, (N,), generator=g)
+    ignored = torch.rand(N, generator=g) < ignore_frac
+    ignored[:1] = False  # at least one real target (the reference's mean of nothing is NaN)
+    targets[ignored] = -100
+    return hidden.to(dtype), weight.to(dtype), targets
+
+
+def loss_and_grads(fn, hidden, weight, targets, **kwargs):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    loss = fn(h, w, targets, **kwargs)
+    loss.backward()
+    return loss.detach().float(), h.grad, w.grad
+
+
+def reference(h, w, y, reduction="mean", ignore_index=-100):
+    """The fp32 reference (inputs upcast first)."""
+    return F.cross_entropy(F.linear(h.float(), w.float()), y, reduction=reduction, ignore_index=ignore_index)
+
+
+def plain_torch(h, w, y, reduction="mean"):
+    """What plain torch does in the input dtype (the bar for low-precision error)."""
+    return F.cross_entropy(F.linear(h, w), y, reduction=reduction)
+
+
+def small_tiles(monkeypatch_setattr):
+    """Force several vocab blocks and token chunks on small shapes, so every loop path runs."""
+    monkeypatch_setattr(flce_module, "TILE_ELEMENTS", 48 * 70)  # ragged last chunk / block on every shape below
+    monkeypatch_setattr(flce_module, "MAX_TOKEN_CHUNK", 48)
+    monkeypatch_setattr(flce_module, "MIN_VOCAB_BLOCK", 37)
+
+
+def assert_matches_reference(backend, N, H, V, reduction, dtype=torch.float32):
+    hidden, weight, targets = make_inputs(N, H, V, dtype=dtype)
+    loss, dh, dw = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, reduction=reduction,
+                                  backend=backend)
+    ref_loss, ref_dh, ref_dw = loss_and_grads(reference, hidden.float(), weight.float(), targets, reduction=reduction)
+    assert dh.dtype == dtype and dw.dtype == dtype and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dh, ref_dh, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-4, atol=1e-6)
+
+
+def rel_err(x, ref):
+    return ((x.float() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def assert_low_precision_no_worse_than_torch(backend, N, H, V, dtype):
+    """CCE-style bar: our error against the fp32 reference is at most plain torch's error in `dtype` plus a margin."""
+    hidden, weight, targets = make_inputs(N, H, V, dtype=dtype)
+    ours = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, backend=backend)
+    torch_lp = loss_and_grads(plain_torch, hidden, weight, targets)
+    ref = loss_and_grads(reference, hidden.float(), weight.float(), targets)
+    for name, o, t, r in zip(("loss", "dhidden", "dweight"), ours, torch_lp, ref):
+        assert torch.isfinite(o).all(), name
+        if name != "loss":
+            assert o.dtype == dtype, name
+        ours_err, torch_err = rel_err(o, r), rel_err(t, r)
+        assert ours_err <= 1.1 * torch_err + 2e-3, f"{name}: ours {ours_err:.2e} vs plain torch {torch_err:.2e}"
+
+
+# --- torch backend (in this process) ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(127, 67, 1031), (200, 32, 4099), (1, 8, 3), (64, 16, 100)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("tiles", ["default", "small"])
+def test_torch_matches_fp32_reference(shape, reduction, tiles, monkeypatch):
+    if tiles == "small":
+        small_tiles(monkeypatch.setattr)
+        token_chunk, vocab_block = flce_module.tile_sizes(shape[0], shape[2])
+        assert shape == (1, 8, 3) or (vocab_block < shape[2] and token_chunk < shape[0])
+    assert_matches_reference("torch", *shape, reduction)
+
+
+@pytest.mark.parametrize("tiles", ["default", "small"])
+def test_torch_bf16_error_no_worse_than_plain_torch(tiles, monkeypatch):
+    if tiles == "small":
+        monkeypatch.setattr(flce_module, "TILE_ELEMENTS", 256 * 512)
+        monkeypatch.setattr(flce_module, "MAX_TOKEN_CHUNK", 256)
+    assert_low_precision_no_worse_than_torch("torch", 512, 128, 8192, torch.bfloat16)
+
+
+def test_auto_backend_on_cpu_is_torch():
+    hidden, weight, targets = make_inputs(16, 8, 50)
+    a = fused_linear_cross_entropy(hidden, weight, targets, backend="auto")
+    b = fused_linear_cross_entropy(hidden, weight, targets, backend="torch")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_ignored_gives_zero_loss_and_zero_grads(reduction, dtype):
+    hidden, weight, _ = make_inputs(10, 8, 30, dtype=dtype)
+    targets = torch.full((10,), -100)
+    loss, dh, dw = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, reduction=reduction)
+    assert loss.item() == 0.0
+    assert torch.equal(dh, torch.zeros_like(dh)) and torch.equal(dw, torch.zeros_like(dw))
+
+
+def test_empty_batch():
+    hidden, weight, targets = make_inputs(0, 8, 30)
+    loss, dh, dw = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets)
+    assert loss.item() == 0.0 and dh.shape == (0, 8) and torch.equal(dw, torch.zeros_like(dw))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_logits_stay_finite(dtype):
+    # Logits of magnitude ~100-1000: exp() would overflow without the max-shifted log-sum-exp.
+    hidden, weight, targets = make_inputs(64, 32, 500, dtype=dtype, logit_scale=100.0)
+    assert F.linear(hidden.float(), weight.float()).abs().max() > 100
+    loss, dh, dw = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets)
+    ref_loss, ref_dh, ref_dw = loss_and_grads(reference, hidden.float(), weight.float(), targets)
+    assert torch.isfinite(loss) and torch.isfinite(dh).all() and torch.isfinite(dw).all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(dh, ref_dh, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dw, ref_dw, rtol=1e-4, atol=1e-4)
+    else:
+        assert abs(loss - ref_loss) / ref_loss < 0.02
+
+
+def test_custom_ignore_index_and_int32_targets():
+    hidden, weight, targets = make_inputs(40, 8, 30, ignore_frac=0.0)
+    targets[::3] = 7  # every third token is "ignored" via ignore_index=7
+    loss, dh, dw = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets.int(), ignore_index=7)
+    ref_loss, ref_dh, ref_dw = loss_and_grads(reference, hidden, weight, targets, ignore_index=7)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(dh, ref_dh)
+    torch.testing.assert_close(dw, ref_dw)
+
+
+def test_only_the_needed_gradients():
+    hidden, weight, targets = make_inputs(40, 8, 30)
+    h = hidden.clone().requires_grad_()
+    fused_linear_cross_entropy(h, weight, targets).backward()  # frozen output projection
+    ref_h = hidden.clone().requires_grad_()
+    reference(ref_h, weight, targets).backward()
+    torch.testing.assert_close(h.grad, ref_h.grad)
+    w = weight.clone().requires_grad_()
+    fused_linear_cross_entropy(hidden, w, targets).backward()
+    ref_w = weight.clone().requires_grad_()
+    reference(hidden, ref_w, targets).backward()
+    torch.testing.assert_close(w.grad, ref_w.grad)
+
+
+def test_grad_output_scales_gradients():
+    hidden, weight, targets = make_inputs(40, 8, 30)
+    loss, dh, dw = loss_and_grads(lambda *a: 3.0 * fused_linear_cross_entropy(*a), hidden, weight, targets)
+    ref_loss, ref_dh, ref_dw = loss_and_grads(lambda *a: 3.0 * reference(*a), hidden, weight, targets)
+    torch.testing.assert_close(dh, ref_dh)
+    torch.testing.assert_close(dw, ref_dw)
+
+
+def test_non_contiguous_inputs():
+    hidden, weight, targets = make_inputs(40, 8, 30)
+    h_t = hidden.t().contiguous().t()  # same values, column-major
+    loss = fused_linear_cross_entropy(h_t, weight, targets)
+    torch.testing.assert_close(loss, reference(hidden, weight, targets))
+
+
+@pytest.mark.parametrize(
+    "hidden_shape, weight_shape, targets_shape, kwargs, error, match",
+    [
+        ((4, 8), (30, 8), (4,), {"reduction": "none"}, ValueError, "unknown reduction"),
+        ((4, 8), (30, 8), (4,), {"backend": "cuda"}, ValueError, "unknown backend"),
+        ((2, 4, 8), (30, 8), (4,), {}, ValueError, r"expected hidden \[N, H\]"),
+        ((4, 8), (30, 9), (4,), {}, ValueError, "hidden size mismatch"),
+        ((4, 8), (30, 8), (5,), {}, ValueError, "5 targets for 4 hidden rows"),
+        ((4, 8), (0, 8), (4,), {}, ValueError, "empty vocabulary"),
+    ],
+)
+def test_bad_shapes_and_options_raise(hidden_shape, weight_shape, targets_shape, kwargs, error, match):
+    targets = torch.zeros(targets_shape, dtype=torch.long)
+    with pytest.raises(error, match=match):
+        fused_linear_cross_entropy(torch.randn(hidden_shape), torch.randn(weight_shape), targets, **kwargs)
+
+
+def test_bad_dtypes_and_targets_raise():
+    h, w, y = torch.randn(4, 8), torch.randn(30, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(TypeError, match="share one dtype"):
+        fused_linear_cross_entropy(h.bfloat16(), w, y)
+    with pytest.raises(TypeError, match="share one dtype"):
+        fused_linear_cross_entropy(h.double(), w.double(), y)
+    with pytest.raises(TypeError, match="targets must be int64 or int32"):
+        fused_linear_cross_entropy(h, w, y.float())
+    with pytest.raises(ValueError, match=r"target 30 out of range \[0, 30\)"):
+        fused_linear_cross_entropy(h, w, torch.tensor([0, 30, -100, 1]))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        fused_linear_cross_entropy(h.tolist(), w, y)
+
+
+def test_triton_on_cpu_without_interpreter_raises():
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("this process runs the interpreter")
+    h, w, y = torch.randn(4, 8), torch.randn(30, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fused_linear_cross_entropy(h, w, y, backend="triton")
+
+
+# --- triton backend, in the interpreter (subprocess) --------------------------------------------------------------
+
+
+def run_triton_interpreter_checks():
+    """Run in a process started with TRITON_INTERPRET=1: the triton backend against the reference and the twin."""
+    from kernels import triton_cross_entropy as tce
+
+    setattr_ = lambda obj, name, value: setattr(obj, name, value)  # noqa: E731  (like monkeypatch.setattr)
+    # Per-tile kernels against their torch twins, fp32 and bf16, with a target in / out of / ignored in the tile.
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        z = (torch.randn(9, 1500, generator=g) * 30).to(dtype)
+        lse0 = torch.randn(9, generator=g) * 30
+        lse0[0] = float("-inf")
+        lse_t, lse_k = lse0.clone(), lse0.clone()
+        flce_module.update_lse_torch(z, lse_t)
+        tce.update_lse(z, lse_k)
+        torch.testing.assert_close(lse_k, lse_t, rtol=1e-6, atol=1e-5)
+        targets = torch.tensor([5, 1999, -100, 1000, 1001, 2499, 2500, 3000, 1000])
+        gs = torch.rand(9, generator=g)
+        dz_t = flce_module.grad_logits_torch(z.clone(), lse_t, targets, gs, 1000)
+        dz_k = tce.grad_logits(z.clone(), lse_t, targets, gs, 1000)
+        assert dz_k.dtype == dtype
+        # bf16 stores may round differently by one ulp; fp32 must agree to rounding
+        torch.testing.assert_close(dz_k.float(), dz_t.float(), rtol=1e-6 if dtype == torch.float32 else 8e-3,
+                                   atol=1e-7)
+    # Whole loss, several tiles, both reductions, odd shapes.
+    for shape in [(127, 67, 1031), (33, 16, 300)]:
+        for reduction in ("mean", "sum"):
+            assert_matches_reference("triton", *shape, reduction)
+    saved = {k: getattr(flce_module, k) for k in ("TILE_ELEMENTS", "MAX_TOKEN_CHUNK", "MIN_VOCAB_BLOCK")}
+    small_tiles(setattr_)
+    assert_matches_reference("triton", 127, 67, 1031, "mean")
+    for k, v in saved.items():
+        setattr(flce_module, k, v)
+    assert_low_precision_no_worse_than_torch("triton", 128, 64, 1031, torch.bfloat16)
+    # all ignored and large logits
+    hidden, weight, _ = make_inputs(8, 8, 40)
+    loss, dh, dw = loss_and_grads(fused_linear_cross_entropy, hidden, weight, torch.full((8,), -100), backend="triton")
+    assert loss.item() == 0.0 and not dh.any() and not dw.any()
+    hidden, weight, targets = make_inputs(16, 16, 200, logit_scale=100.0)
+    loss, dh, dw = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, backend="triton")
+    ref_loss = reference(hidden, weight, targets)
+    assert torch.isfinite(dh).all() and torch.isfinite(dw).all()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-3)
+    print("triton interpreter checks passed")
+
+
+def test_triton_backend_in_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--triton-interpret"], env=env, cwd=repo,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "triton interpreter checks passed" in proc.stdout
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--triton-interpret"] or os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("usage: TRITON_INTERPRET=1 python tests/test_fused_linear_cross_entropy.py --triton-interpret")
+    run_triton_interpreter_checks()
