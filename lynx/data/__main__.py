@@ -1,0 +1,59 @@
+"""python -m lynx.data build --out DIR --seed 17 [--sources ...]: build HaluBench-style PASS/FAIL data."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from lynx.data.build import DEFAULT_FRACTIONS, build
+from lynx.data.sources import SOURCES
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lynx.data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser(
+        "build", help="build train/val/test splits (chat JSONL for training, HaluBench-schema JSONL for evaluation)",
+        description="Each kept question gives a PASS example (the gold answer) and a FAIL example (a perturbed "
+                    "answer) on the same passage. No passage or question is in two splits. Same seed and options: "
+                    "byte-identical output.")
+    b.add_argument("--out", required=True, help="output folder (created)")
+    b.add_argument("--seed", type=int, default=17, help="seed for row order, perturbations and splits (default 17)")
+    b.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES), metavar="SOURCE",
+                   help=f"sources to use (default all: {' '.join(SOURCES)})")
+    b.add_argument("--max-per-source", type=int, default=None, metavar="N",
+                   help="at most N examples (N/2 PASS + N/2 FAIL) per source, e.g. for a quick CPU demo")
+    b.add_argument("--max-passage-chars", type=int, default=None, metavar="C",
+                   help="cut passages longer than C characters to a window of whole sentences around the answer's "
+                        "evidence (COVID-QA papers are ~21k characters, ~5k tokens). For small CPU models only: "
+                        "answers that need facts from far apart in the passage may lose their support")
+    b.add_argument("--split-fractions", type=float, nargs=3, default=list(DEFAULT_FRACTIONS),
+                   metavar=("TRAIN", "VAL", "TEST"), help="share of examples per split (default 0.7 0.15 0.15)")
+    b.add_argument("--raw-dir", default=None, help="raw sources folder (default: the repository's data/raw)")
+    b.add_argument("--no-token-stats", action="store_true", help="skip the Llama-3 token length statistics")
+    b.add_argument("--perturb-model", default=None, metavar="DIR",
+                   help="Hugging Face Llama checkpoint folder (with its tokenizer) to write the FAIL answers; "
+                        "hand-written perturbation is the fallback when its output is invalid")
+    b.add_argument("--perturb-max-new-tokens", type=int, default=256, help="generation budget per model answer")
+    args = parser.parse_args(argv)
+
+    perturber = None
+    if args.perturb_model:
+        from lynx.data.model_perturb import ModelPerturber
+
+        perturber = ModelPerturber.from_pretrained(args.perturb_model, max_new_tokens=args.perturb_max_new_tokens)
+    start = time.perf_counter()
+    try:
+        build(args.out, seed=args.seed, sources=args.sources, max_per_source=args.max_per_source,
+              max_passage_chars=args.max_passage_chars, fractions=tuple(args.split_fractions),
+              raw_dir=args.raw_dir, token_stats=not args.no_token_stats, perturber=perturber)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Build HaluBench-style PASS/FAIL data from the raw QA sources.
+
+For every question kept, the builder writes two examples on the same passage: the gold answer (PASS) and one
+perturbed answer (FAIL), so every source and split is balanced by construction. HaluEval's FAIL answers are its own
+hallucinated answers (hand-written perturbation is the fallback); the other sources are perturbed by
+lynx.data.perturb (or by a model, lynx.data.model_perturb, when --perturb-model is given).
+
+Splits are made per source over connected groups of questions: two questions about the same passage, or two rows
+with the same question, always land in the same split, so no passage and no question appears in two splits.
+
+Outputs in --out:
+  chat_{train,val,test}.jsonl       {"messages": [user: Lynx prompt, assistant: Lynx JSON], "id", "label", ...}
+  halubench_{train,val,test}.jsonl  {"id", "passage", "question", "answer", "label", "source_ds"}
+  stats.json                        counts per split/source/label and type, perturbation validity, lengths
+Same seed and options -> byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import statistics
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from lynx.data.perturb import Context, Edit, Perturbation, PerturbStats, perturb
+from lynx.data.reasoning import evidence_span, fail_reasoning, pass_reasoning, target
+from lynx.data.sources import SOURCES, Row, load_source
+from lynx.data.text import normalize, passage_info
+from lynx.prompt import training_messages
+
+SPLITS = ("train", "val", "test")
+DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
+TOKEN_SAMPLE_PER_SOURCE = 64
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha1(":".join(map(str, parts)).encode()).hexdigest()
+
+
+def window_passage(passage: str, span: tuple[int, int], max_chars: int) -> str:
+    """At most `max_chars` characters of the passage: the evidence span's sentences, then whole neighbouring
+    sentences added alternately after and before it while they fit. An evidence span longer than the cap is cut at a
+    word boundary. The window is a contiguous slice of the passage."""
+    if len(passage) <= max_chars:
+        return passage
+    info = passage_info(passage)
+    sentences = info.sentences
+    first = next((i for i, (s, e) in enumerate(sentences) if e > span[0]), len(sentences) - 1)
+    last = first
+    while last + 1 < len(sentences) and sentences[last][1] < span[1]:
+        last += 1
+    start, end = sentences[first][0], sentences[last][1]
+    if end - start > max_chars:
+        cut = passage[start:start + max_chars]
+        return cut.rsplit(" ", 1)[0] if " " in cut else cut
+    lo, hi, grow_right = first, last, True
+    while True:
+        grew = False
+        for _ in range(2):
+            if grow_right and hi + 1 < len(sentences) and sentences[hi + 1][1] - start <= max_chars:
+                hi, end, grew = hi + 1, sentences[hi + 1][1], True
+            elif not grow_right and lo > 0 and end - sentences[lo - 1][0] <= max_chars:
+                lo, start, grew = lo - 1, sentences[lo - 1][0], True
+            grow_right = not grow_right
+            if grew:
+                break
+        if not grew:
+            return passage[start:end]
+
+
+def _components(rows: list[Row]) -> dict[str, str]:
+    """Row id -> component key: rows connected by a shared passage group or a shared (normalised) question."""
+    parent: dict[str, str] = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for row in rows:
+        a, b = find("g:" + row.group), find("q:" + normalize(row.question))
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return {row.id: find("g:" + row.group) for row in rows}
+
+
+def assign_splits(component_sizes: dict[str, int], fractions, seed: int) -> dict[str, str]:
+    """Component -> split. Components go in a seeded order to the split furthest below its target share of rows."""
+    counts = dict.fromkeys(SPLITS, 0)
+    out = {}
+    for comp in sorted(component_sizes, key=lambda c: _hash(seed, "split", c)):
+        total = sum(counts.values()) + component_sizes[comp]
+        split = max(SPLITS, key=lambda s: (fractions[SPLITS.index(s)] * total - counts[s], -SPLITS.index(s)))
+        out[comp] = split
+        counts[split] += component_sizes[comp]
+    return out
+
+
+def _halueval_fail(row: Row, ctx: Context, rng: random.Random, stats: PerturbStats) -> Perturbation | None:
+    """One of HaluEval's own hallucinated answers (seeded pick); no-ops are rejected like any perturbation."""
+    answers = list(row.extra.get("hallucinated_answers", []))
+    rng.shuffle(answers)
+    for answer in answers:
+        p = Perturbation(answer, "hallucinated", (Edit(0, row.gold_answer, answer),))
+        stats.add("hallucinated", "tried")
+        if normalize(answer) == normalize(row.gold_answer):
+            stats.add("hallucinated", "noop")
+            continue
+        stats.add("hallucinated", "accepted")
+        return p
+    return None
+
+
+def _example(row: Row, split: str, passage: str, answer: str, label: str, reasoning: list[str],
+             p: Perturbation | None, component: str) -> dict:
+    ex_id = f"{row.id}-{label.lower()}"
+    meta = {
+        "id": ex_id, "source": row.source, "split": split, "label": label, "group": component,
+        "perturbation": None if p is None else {
+            "type": p.kind, "edits": [{"start": e.start, "before": e.before, "after": e.after} for e in p.edits]},
+    }
+    chat = {"messages": training_messages(row.question, passage, answer, target(reasoning, label)), **meta}
+    halubench = {"id": ex_id, "passage": passage, "question": row.question, "answer": answer, "label": label,
+                 "source_ds": row.source}
+    return {"chat": chat, "halubench": halubench}
+
+
+def _length_summary(values: list[int]) -> dict:
+    if not values:
+        return {}
+    values = sorted(values)
+    return {"n": len(values), "min": values[0], "median": int(statistics.median(values)),
+            "p95": values[min(len(values) - 1, int(0.95 * len(values)))], "max": values[-1]}
+
+
+def _token_stats(examples: list[dict]) -> tuple[dict | None, str]:
+    """Llama-3 token lengths of whole training conversations, on a fixed sample per source (tokenising every
+    COVID-QA paper twice would dominate the build time)."""
+    try:
+        from lynx.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.llama3()
+    except Exception as e:  # the tokenizer module is optional for building data
+        return None, f"token lengths skipped: lynx.tokenizer.Tokenizer.llama3() unavailable ({type(e).__name__}: {e})"
+    by_source = defaultdict(list)
+    for ex in examples:
+        by_source[ex["chat"]["source"]].append(ex["chat"])
+    out = {}
+    for source, chats in sorted(by_source.items()):
+        chats = sorted(chats, key=lambda c: c["id"])
+        step = max(1, len(chats) // TOKEN_SAMPLE_PER_SOURCE)
+        sample = chats[::step][:TOKEN_SAMPLE_PER_SOURCE]
+        lengths = [len(tokenizer.apply_chat_template(c["messages"], add_generation_prompt=False)) for c in sample]
+        summary = _length_summary(lengths)
+        summary["over_4000"] = sum(n > 4000 for n in lengths)
+        summary["over_8000"] = sum(n > 8000 for n in lengths)
+        out[source] = summary
+    return out, f"token lengths: Llama-3 tokenizer, conversations, sample of <= {TOKEN_SAMPLE_PER_SOURCE} per source"
+
+
+def build(out_dir, *, seed: int = 17, sources=SOURCES, max_per_source: int | None = None,
+          max_passage_chars: int | None = None, fractions=DEFAULT_FRACTIONS, raw_dir=None, token_stats: bool = True,
+          perturber: Callable | None = None, log=print) -> dict:
+    """Build the dataset into `out_dir`; returns the statistics (also saved as stats.json).
+
+    max_per_source: at most this many examples (PASS + FAIL) per source, taken from the seeded row order.
+    max_passage_chars: window passages longer than this around the answer evidence (for small CPU models).
+    perturber: `(gold, ctx, rng, stats=...) -> Perturbation | None`, default the hand-written lynx.data.perturb.
+    """
+    if abs(sum(fractions) - 1.0) > 1e-6 or len(fractions) != 3 or min(fractions) < 0:
+        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    if max_per_source is not None and max_per_source < 2:
+        raise ValueError("max_per_source must be at least 2 (one PASS and one FAIL example)")
+    if max_passage_chars is not None and max_passage_chars < 200:
+        raise ValueError("max_passage_chars below 200 would cut most answers' evidence")
+    perturber = perturber or perturb
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = {"seed": seed, "sources": list(sources), "max_per_source": max_per_source,
+             "max_passage_chars": max_passage_chars, "split_fractions": list(fractions),
+             "loader_skipped": {}, "questions": {}, "perturbation": {}}
+    perturb_stats = PerturbStats()
+    examples = []
+    for source in sources:
+        rows, skipped = load_source(source, raw_dir)
+        stats["loader_skipped"][source] = {"count": len(skipped), "rows": skipped[:20]}
+        for message in skipped[:20]:
+            log(f"skipped malformed row: {message}")
+        if len(skipped) > 20:
+            log(f"... and {len(skipped) - 20} more malformed rows in {source}")
+        component = _components(rows)
+        answers_by_group = defaultdict(list)
+        for row in rows:
+            answers_by_group[row.group].append((row.id, row.gold_answer))
+        source_stats = PerturbStats()
+        kept, no_fail = [], 0
+        want = None if max_per_source is None else max_per_source // 2
+        ordered = sorted(rows, key=lambda r: _hash(seed, r.id))
+        for row in tqdm(ordered, desc=f"perturb {source}", unit="q", leave=False):
+            if want is not None and len(kept) >= want:
+                break
+            rng = random.Random(f"{seed}:{row.id}")
+            passage = row.passage
+            if max_passage_chars:
+                passage = window_passage(passage, evidence_span(row.gold_answer, row.question, passage),
+                                         max_passage_chars)
+            others = tuple(a for rid, a in answers_by_group[row.group] if rid != row.id)
+            ctx = Context(row.question, passage, source=source, other_answers=others, extra=row.extra)
+            p = _halueval_fail(row, ctx, rng, source_stats) if source == "halueval" else None
+            if p is None:
+                p = perturber(row.gold_answer, ctx, rng, stats=source_stats)
+            if p is None:
+                no_fail += 1
+                continue
+            kept.append((row, passage, p, ctx))
+        perturb_stats.merge(source_stats)
+        stats["perturbation"][source] = source_stats.table()
+        stats["questions"][source] = {"loaded": len(rows), "kept": len(kept), "no_valid_perturbation": no_fail}
+        sizes = Counter(component[row.id] for row, *_ in kept)
+        split_of = assign_splits(sizes, fractions, seed)
+        for row, passage, p, ctx in kept:
+            split, comp = split_of[component[row.id]], component[row.id]
+            examples.append(_example(row, split, passage, row.gold_answer, "PASS",
+                                     pass_reasoning(row.question, row.gold_answer, passage, row.extra.get("spans", ())),
+                                     None, comp))
+            examples.append(_example(row, split, passage, p.answer, "FAIL", fail_reasoning(row.gold_answer, p, ctx),
+                                     p, comp))
+    stats["perturbation"]["all"] = perturb_stats.table()
+
+    # Files: one line per example, in a seeded order (PASS and FAIL of a question are not adjacent).
+    examples.sort(key=lambda ex: _hash(seed, "order", ex["chat"]["id"]))
+    counts = {s: defaultdict(Counter) for s in SPLITS}
+    types = defaultdict(Counter)
+    chars = defaultdict(list)
+    for split in SPLITS:
+        rows_in_split = [ex for ex in examples if ex["chat"]["split"] == split]
+        with open(out_dir / f"chat_{split}.jsonl", "w", encoding="utf-8", newline="\n") as fc, \
+                open(out_dir / f"halubench_{split}.jsonl", "w", encoding="utf-8", newline="\n") as fh:
+            for ex in rows_in_split:
+                fc.write(json.dumps(ex["chat"], ensure_ascii=False) + "\n")
+                fh.write(json.dumps(ex["halubench"], ensure_ascii=False) + "\n")
+                chat = ex["chat"]
+                counts[split][chat["source"]][chat["label"]] += 1
+                if chat["perturbation"]:
+                    types[chat["source"]][chat["perturbation"]["type"]] += 1
+                chars[chat["source"]].append(len(ex["halubench"]["passage"]))
+    stats["examples"] = {s: {src: dict(sorted(c.items())) for src, c in sorted(counts[s].items())} for s in SPLITS}
+    stats["fail_types"] = {src: dict(sorted(c.items())) for src, c in sorted(types.items())}
+    stats["passage_chars"] = {src: _length_summary(v) for src, v in sorted(chars.items())}
+    stats["token_lengths"], note = _token_stats(examples) if token_stats else (None, "token lengths skipped (off)")
+    stats["token_lengths_note"] = note
+    with open(out_dir / "stats.json", "w", encoding="utf-8", newline="\n") as f:
+        json.dump(stats, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    log(format_stats(stats))
+    return stats
+
+
+def format_stats(stats: dict) -> str:
+    lines = ["examples per split / source (PASS, FAIL):"]
+    for split in SPLITS:
+        per = stats["examples"][split]
+        total = sum(sum(c.values()) for c in per.values())
+        body = ", ".join(f"{src} {c.get('PASS', 0)}/{c.get('FAIL', 0)}" for src, c in per.items())
+        lines.append(f"  {split:5s} {total:6d}: {body}")
+    lines.append("questions loaded / kept / no valid perturbation; malformed rows skipped:")
+    for src, q in stats["questions"].items():
+        lines.append(f"  {src:12s} {q['loaded']:5d} / {q['kept']:5d} / {q['no_valid_perturbation']:4d};"
+                     f" {stats['loader_skipped'][src]['count']}")
+    lines.append("FAIL types per source: " + "; ".join(
+        f"{src}: " + ", ".join(f"{k} {v}" for k, v in c.items()) for src, c in stats["fail_types"].items()))
+    lines.append("perturbation candidates (all sources): type tried accepted noop supported validity")
+    for kind, t in stats["perturbation"]["all"].items():
+        lines.append(f"  {kind:13s} {t['tried']:5d} {t['accepted']:5d} {t['rejected_noop']:4d} "
+                     f"{t['rejected_supported']:4d}  {t['validity_rate']}")
+    lines.append("passage characters per source (median / max): " + ", ".join(
+        f"{src} {v['median']}/{v['max']}" for src, v in stats["passage_chars"].items()))
+    lines.append(stats["token_lengths_note"])
+    for src, t in (stats["token_lengths"] or {}).items():
+        lines.append(f"  {src:12s} n={t['n']} min {t['min']} median {t['median']} p95 {t['p95']} max {t['max']}"
+                     f" (>4000: {t['over_4000']}, >8000: {t['over_8000']})")
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""Small text helpers shared by perturbation, reasoning and the builder: normalisation for containment checks,
+sentence spans, content words, and a per-passage cache."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+STOPWORDS = frozenset(
+    """a an the and or but if of to in on at by for with from as is are was were be been being this that these those
+    it its it's he she they we you i his her their our your them him us there here which who whom whose what when
+    where why how than then so such not no nor do does did done has have had having can could will would shall should
+    may might must also into onto over under about after before during while within without between among per via
+    each all any both either neither some most more less many much few other another same own only very just up down
+    out off again further once""".split()
+)
+
+
+def normalize(text: str) -> str:
+    """Lowercase, unify quotes and dashes, drop thousands separators and punctuation (keeping decimal points, % and
+    $), collapse whitespace. Two texts that normalise equal say the same thing for our checks."""
+    text = text.lower().replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
+    text = re.sub(r"[\u2010-\u2015]", "-", text)
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
+    text = re.sub(r"\.(?!\d)", " ", text)
+    text = re.sub(r"[^\w%$.' -]+|(?<!\w)'|'(?!\w)", " ", text)
+    return " ".join(text.split())
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[\w%$.'-]+", normalize(text))
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in words(text) if w not in STOPWORDS and len(w) > 1 or any(c.isdigit() for c in w)}
+
+
+# A sentence ends at . ! ? followed by whitespace, or at a blank line; HaluEval glues sentences ("century.First").
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(\[]?[A-Z0-9])|(?<=[a-z][.!?])(?=[A-Z][a-z])|\n\s*\n")
+
+
+def sentence_spans(passage: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of the passage's sentences, whitespace trimmed, in order."""
+    spans, start = [], 0
+    for m in _SENTENCE_END.finditer(passage):
+        spans.append((start, m.start()))
+        start = m.end()
+    spans.append((start, len(passage)))
+    out = []
+    for s, e in spans:
+        while s < e and passage[s].isspace():
+            s += 1
+        while e > s and passage[e - 1].isspace():
+            e -= 1
+        if e > s:
+            out.append((s, e))
+    return out
+
+
+class PassageInfo:
+    """What the checks need to know about one passage, computed once (COVID-QA papers are ~20k characters and are
+    shared by dozens of questions)."""
+
+    def __init__(self, passage: str):
+        self.text = passage
+        self.normalized = " " + normalize(passage) + " "
+        self.sentences = sentence_spans(passage)
+        self.sentence_norms = [normalize(passage[s:e]) for s, e in self.sentences]
+        self.sentence_words = [content_words(passage[s:e]) for s, e in self.sentences]
+
+    def contains(self, text: str) -> bool:
+        """True when the normalised text occurs in the normalised passage on word boundaries."""
+        norm = normalize(text)
+        return bool(norm) and f" {norm} " in self.normalized
+
+    def sentence(self, i: int) -> str:
+        s, e = self.sentences[i]
+        return self.text[s:e]
+
+    def find_sentence(self, text: str) -> int | None:
+        """Index of the first sentence containing `text` (normalised), else None."""
+        norm = normalize(text)
+        if not norm:
+            return None
+        for i, sn in enumerate(self.sentence_norms):
+            if f" {norm} " in f" {sn} ":
+                return i
+        return None
+
+    def best_sentence(self, *texts: str, weights: tuple[float, ...] = ()) -> tuple[int, float]:
+        """Index of the sentence sharing the most content words with the texts (weighted), and the share of the
+        first text's content words it covers."""
+        targets = [content_words(t) for t in texts]
+        weights = weights or (1.0,) * len(texts)
+        best, best_score = 0, -1.0
+        for i, sw in enumerate(self.sentence_words):
+            score = sum(w * len(t & sw) / (len(t) or 1) for w, t in zip(weights, targets))
+            if score > best_score:
+                best, best_score = i, score
+        first = targets[0] if targets else set()
+        coverage = len(first & self.sentence_words[best]) / len(first) if first and self.sentences else 0.0
+        return best, coverage
+
+
+@lru_cache(maxsize=512)
+def passage_info(passage: str) -> PassageInfo:
+    return PassageInfo(passage)
+
+
+def quote(text: str, max_chars: int = 300) -> str:
+    """Text fit to quote inside a reasoning bullet: one line, no double quotes or square brackets (the public Lynx
+    parser reads the reasoning with `"REASONING":\\s*\\[(.*?)\\]`, so a "]" inside a bullet would cut it short)."""
+    text = " ".join(text.split()).replace('"', "'").replace("[", "(").replace("]", ")")
+    if len(text) > max_chars:
+        cut = text[:max_chars].rsplit(" ", 1)[0]
+        text = cut + " ..."
+    return text
