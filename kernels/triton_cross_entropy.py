@@ -28,6 +28,15 @@ BLOCK = 1024  # vocab columns per step of a row
 if triton is not None:
 
     @triton.jit
+    def _round_fp32_to_bf16_grid(x):
+        """x rounded to the nearest bf16 value (ties to even), still as fp32, so the cast on store is exact.
+        The interpreter truncates on fp32 -> bf16 casts whatever rounding is asked for; on GPUs this equals the
+        native round-to-nearest-even cast (a few integer ops on a memory-bound kernel)."""
+        bits = x.to(tl.int32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits & -65536).to(tl.float32, bitcast=True)  # -65536 = 0xFFFF0000
+
+    @triton.jit
     def _update_lse_kernel(z_ptr, z_row_stride, lse_ptr, n_cols, BLOCK: tl.constexpr):
         """lse[row] <- logaddexp(lse[row], logsumexp(z[row, :])) with an online max."""
         row = tl.program_id(0).to(tl.int64)
@@ -47,7 +56,8 @@ if triton is not None:
 
     @triton.jit
     def _grad_logits_kernel(
-        z_ptr, z_row_stride, dz_ptr, dz_row_stride, lse_ptr, targets_ptr, g_ptr, v0, n_cols, BLOCK: tl.constexpr
+        z_ptr, z_row_stride, dz_ptr, dz_row_stride, lse_ptr, targets_ptr, g_ptr, v0, n_cols,
+        BLOCK: tl.constexpr, ROUND_TO_BF16: tl.constexpr,
     ):
         """dz[row, :] = (exp(z[row, :] - lse[row]) - [column == target[row]]) * g[row]; dz may alias z."""
         row = tl.program_id(0).to(tl.int64)
@@ -62,6 +72,8 @@ if triton is not None:
             z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
             p = tl.exp(z - lse) * g
             p = tl.where(cols == target_col, p - g, p)
+            if ROUND_TO_BF16:
+                p = _round_fp32_to_bf16_grid(p)
             tl.store(dz_row + cols, p.to(dz_row.dtype.element_ty), mask=mask)
 
 
@@ -85,6 +97,7 @@ def grad_logits(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: to
     if z.shape[0] == 0:
         return z
     _grad_logits_kernel[(z.shape[0],)](
-        z, z.stride(0), z, z.stride(0), lse, targets, g, v0, z.shape[1], BLOCK=BLOCK
+        z, z.stride(0), z, z.stride(0), lse, targets, g, v0, z.shape[1], BLOCK=BLOCK,
+        ROUND_TO_BF16=z.dtype == torch.bfloat16,
     )
     return z

@@ -84,7 +84,7 @@ def assert_low_precision_no_worse_than_torch(backend, N, H, V, dtype):
         if name != "loss":
             assert o.dtype == dtype, name
         ours_err, torch_err = rel_err(o, r), rel_err(t, r)
-        assert ours_err <= 1.1 * torch_err + 2e-3, f"{name}: ours {ours_err:.2e} vs plain torch {torch_err:.2e}"
+        assert ours_err <= 1.1 * torch_err + 1e-4, f"{name}: ours {ours_err:.2e} vs plain torch {torch_err:.2e}"
 
 
 # --- torch backend (in this process) ------------------------------------------------------------------------------
@@ -250,9 +250,13 @@ def run_triton_interpreter_checks():
         dz_t = flce_module.grad_logits_torch(z.clone(), lse_t, targets, gs, 1000)
         dz_k = tce.grad_logits(z.clone(), lse_t, targets, gs, 1000)
         assert dz_k.dtype == dtype
-        # bf16 stores may round differently by one ulp; fp32 must agree to rounding
+        # exp() may differ in the last fp32 bit, which can flip a bf16 rounding now and then (one bf16 ulp);
+        # truncating instead of rounding to nearest would flip about half of them. (Denormals: exp() differs.)
         torch.testing.assert_close(dz_k.float(), dz_t.float(), rtol=1e-6 if dtype == torch.float32 else 8e-3,
                                    atol=1e-7)
+        if dtype == torch.bfloat16:
+            normal = dz_t.float().abs() > 1e-30
+            assert (dz_k != dz_t)[normal].float().mean() < 0.01
     # Whole loss, several tiles, both reductions, odd shapes.
     for shape in [(127, 67, 1031), (33, 16, 300)]:
         for reduction in ("mean", "sum"):
