@@ -2,7 +2,10 @@
 
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 from collections import Counter, defaultdict
 
 import pytest
@@ -115,7 +118,11 @@ def _digest(folder):
 def test_deterministic_and_windowed(tmp_path):
     kwargs = dict(max_per_source=40, max_passage_chars=1500, token_stats=False, log=lambda *a: None)
     build(tmp_path / "a", seed=17, **kwargs)
-    build(tmp_path / "b", seed=17, **kwargs)
+    # The same build in another process with another string-hash seed: no set or dict order may leak into files.
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    subprocess.run([sys.executable, "-m", "lynx.data", "build", "--out", str(tmp_path / "b"), "--seed", "17",
+                    "--max-per-source", "40", "--max-passage-chars", "1500", "--no-token-stats"],
+                   check=True, env=env, capture_output=True)
     build(tmp_path / "c", seed=18, **kwargs)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")

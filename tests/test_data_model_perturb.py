@@ -82,3 +82,18 @@ def test_parse_model_output():
         parse_model_output('{"perturbed_answer": 1, "original_span": "c", "new_span": "d"}')
     # braces in a document do not break the prompt
     assert "{x}" in perturbation_prompt("q", "a {x} b", "c")
+
+
+def test_real_generate_on_tiny_model_falls_back(tmp_path):
+    """Through lynx.generate.generate (imported lazily) with a tiny random Llama: its output is not JSON, so the
+    hand-written perturbation takes over; this checks the call contract end to end."""
+    from conftest import make_tiny_checkpoint
+    from lynx.model import Llama
+
+    path = make_tiny_checkpoint(tmp_path / "tiny", max_position_embeddings=1024)
+    perturber = ModelPerturber(Llama.from_pretrained(path), CharTokenizer(), max_new_tokens=4)
+    stats = PerturbStats()
+    ctx = Context("How much did mortality fall?", PASSAGE, source="pubmedqa")
+    p = perturber(GOLD, ctx, random.Random(0), stats=stats)
+    assert perturber.failures == ["no JSON object with perturbed_answer, original_span and new_span"]
+    assert p is not None and p.kind != "model" and stats.counts["model"]["invalid"] == 1

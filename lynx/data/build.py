@@ -35,7 +35,7 @@ from lynx.prompt import training_messages
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
-TOKEN_SAMPLE_PER_SOURCE = 64
+TOKEN_SAMPLE_PER_SOURCE = 32
 
 
 def _hash(*parts) -> str:

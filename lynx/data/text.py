@@ -47,7 +47,7 @@ def sentence_spans(passage: str) -> list[tuple[int, int]]:
         start = m.end()
     spans.append((start, len(passage)))
     out = []
-    for s, e in spans:
+    for s, e in _split_long_lines(passage, spans):
         while s < e and passage[s].isspace():
             s += 1
         while e > s and passage[e - 1].isspace():
@@ -55,6 +55,22 @@ def sentence_spans(passage: str) -> list[tuple[int, int]]:
         if e > s:
             out.append((s, e))
     return out
+
+
+def _split_long_lines(passage: str, spans, max_chars: int = 300):
+    """Tables extracted from PDFs (FinanceBench) have no sentence ends: cut a long multi-line span at line breaks
+    into pieces of about max_chars, so evidence quotes are table rows, not a whole page."""
+    for s, e in spans:
+        if e - s <= max_chars or "\n" not in passage[s:e]:
+            yield s, e
+            continue
+        start = s
+        for m in re.finditer(r"\n", passage[s:e]):
+            cut = s + m.end()
+            if cut - start >= max_chars:
+                yield start, cut
+                start = cut
+        yield start, e
 
 
 class PassageInfo:
