@@ -360,3 +360,16 @@ def test_load_is_tensor_by_tensor_on_meta_first(tiny_checkpoint, monkeypatch):
     Llama.from_pretrained(tiny_checkpoint)
     assert inits and set(inits) == {"meta"}
     assert os.path.getsize(tiny_checkpoint / "model.safetensors") > 0
+
+
+def test_chunked_tensor_copy_is_exact(tmp_path, monkeypatch):
+    """Loading reads big tensors in row slices; with a tiny slice size every tensor spans many slices."""
+    monkeypatch.setattr(checkpoint, "COPY_CHUNK_BYTES", 1000)
+    ours = random_lynx_model()
+    ours.save_pretrained(tmp_path / "out", max_shard_size=30_000)
+    loaded = Llama.from_pretrained(tmp_path / "out")
+    for name, t in ours.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    as_bf16 = Llama.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    for name, t in ours.state_dict().items():
+        assert torch.equal(as_bf16.state_dict()[name], t.to(torch.bfloat16)), name
