@@ -107,6 +107,13 @@ def test_entity_swaps_with_same_kind_name_from_passage():
     assert p.answer == "First for Women"
     p, _ = accepted("entity", "soldiers", ctx(question="Did he command more warships or soldiers?", passage="x"))
     assert p.answer == "warships"
+    # kinds: acronyms with acronyms (not a heading in capitals), nationalities with nationalities, and a
+    # possessive is not part of the name
+    text = "CONCLUSIONS: the WHO and the CDC agreed. The English fought the Germans near Lincoln. CHIKV's spread."
+    assert accepted("entity", "the WHO", ctx(passage=text))[0].answer in ("the CDC", "the CHIKV")
+    assert accepted("entity", "the English", ctx(passage=text))[0].answer == "the Germans"
+    assert accepted("entity", "near Lincoln", ctx(passage=text))[0] is None
+    assert accepted("entity", "CHIKV's spread", ctx(passage=text))[0].answer in ("CDC's spread", "WHO's spread")
     # refuses: a name the passage does not have, and a passage without another name of the same kind
     assert accepted("entity", "Jacinda Ardern")[0] is None
     assert accepted("entity", "Barack Obama", ctx(passage="Barack Obama spoke."))[0] is None

@@ -257,22 +257,35 @@ _CONNECTORS = {"of", "for", "de", "da", "van", "von", "der", "la", "le", "du"}
 _NOT_NAMES = {w.capitalize() for w in STOPWORDS} | set(MONTHS) | set(MONTH_ABBR) | {
     "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "However", "Although", "Despite",
     "Yes", "No", "Maybe", "Table", "Figure", "Fig", "Abstract", "Background", "Methods", "Results", "Conclusion",
-    "Conclusions", "Introduction", "Discussion", "Total", "Net", "Year", "Years", "Note", "Notes"}
+    "Conclusions", "Introduction", "Discussion", "Total", "Net", "Year", "Years", "Note", "Notes", "Dr", "Mr", "Mrs",
+    "Ms", "Prof", "St"}
+# Section headings in capitals ("CONCLUSIONS"); not the stopwords, or "WHO" would be lost.
+_NOT_NAMES |= {w.upper() for w in ("Abstract", "Background", "Methods", "Results", "Conclusion", "Conclusions",
+                                   "Introduction", "Discussion", "Objective", "Objectives", "Design", "Setting",
+                                   "Purpose", "Aims", "Aim", "Table", "Figure", "Note", "Notes", "Total")}
 _ORG_SUFFIXES = {"Inc", "Inc.", "Corp", "Corp.", "Corporation", "Company", "Co.", "Group", "University", "College",
                  "Institute", "Party", "Magazine", "Bank", "Association", "Society", "Council", "Committee", "Agency",
                  "Department", "Ministry", "Army", "Navy", "Club", "Team", "League", "Records", "Airlines",
                  "Hospital", "School", "Church", "Foundation", "Organization", "Organisation", "Union", "Press",
                  "Times", "News", "FC", "Ltd", "Ltd.", "LLC", "Holdings", "Network", "Studios", "Band"}
-_NAME_TOKEN = r"(?:[A-Z][\w'’.\-&]*[\w]|[A-Z])"
-_NAME_RE = re.compile(rf"{_NAME_TOKEN}(?:\s+(?:(?:of|for|de|da|van|von|der|la|le|du)\s+)?{_NAME_TOKEN})*")
+# A capitalised token (hyphens of any kind inside: "HCoV‐HKU1"), without a possessive "'s"; tokens joined by
+# spaces or by a connector ("Partitions of the Polish-Lithuanian Commonwealth").
+_NAME_TOKEN = r"(?:[A-Z](?:[\w.\-\u2010\u2011&]|['’](?![sS]\b))*[\w]|[A-Z])"
+_NAME_RE = re.compile(
+    rf"(?<![\w\-\u2010\u2011]){_NAME_TOKEN}(?:\s+(?:(?:of|for|de|da|van|von|der|la|le|du)(?:\s+the)?\s+)?{_NAME_TOKEN})*")
+# Nationalities and languages ("English", "Germans", "Chinese") are swapped only with each other.
+_DEMONYM = re.compile(r"[A-Z][a-z]+(?:ish|ese|ians?|ans)|French|Dutch|Greek|Thai|Swiss|Iraqi|Israeli|Pakistani")
 
 
 def name_kind(name: str) -> str:
     """A coarse kind for same-kind swaps: acronym ("MTCT", "DCs"), code ("HIV-1", "IL6"), organisation,
     single-word name or multi-word name."""
     tokens = name.split()
-    if len(tokens) == 1 and re.fullmatch(r"[A-Z0-9][A-Z0-9\-]+s?", name) and sum(c.isupper() for c in name) >= 2:
+    upper, letters = sum(c.isupper() for c in name), sum(c.isalpha() for c in name)
+    if len(tokens) == 1 and upper >= 2 and 2 * upper >= letters:  # "MTCT", "HCoV", "DCs"; not "McDonald"
         return "code" if any(c.isdigit() for c in name) else "acronym"
+    if len(tokens) == 1 and _DEMONYM.fullmatch(name):
+        return "demonym"
     if tokens[-1] in _ORG_SUFFIXES:
         return "org"
     return "name1" if len(tokens) == 1 else "name2"
@@ -313,7 +326,7 @@ def _passage_names(passage: str) -> dict[str, str]:
     for s, e in find_names(passage):
         name = passage[s:e]
         kind = name_kind(name)
-        if kind == "name1" and name.lower() in lowercase_words:
+        if kind in ("name1", "acronym") and name.lower() in lowercase_words:
             continue
         names.setdefault(name, kind)
         if passage[:s].rstrip()[-1:] not in ("", ".", "!", "?", "\n", ":", '"'):

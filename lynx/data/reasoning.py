@@ -106,7 +106,7 @@ def fail_reasoning(gold: str, p: Perturbation, ctx: Context) -> list[str]:
     if removed:
         changes = "; ".join(filter(None, [changes] + [f'"{quote(e.before.strip(), 60)}" was dropped' for e in removed]))
     evidence = evidence_for_edit(gold, p, ctx)
-    shown = [e for e in p.edits if e.before.strip() and normalize(e.before) in normalize(evidence)]
+    shown = [e for e in p.edits if e.before.strip() and f" {normalize(e.before)} " in f" {normalize(evidence)} "]
     if shown:
         verdict = (f"The DOCUMENT contradicts the ANSWER: {changes}, and the DOCUMENT says "
                    f'"{quote(shown[0].before.strip(), 120)}".')
