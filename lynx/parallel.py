@@ -1,0 +1,157 @@
+"""Parallelism applied from outside the model (as torchtitan does): FSDP2, activation checkpointing, compile, and
+loading weights straight into the sharded parameters.
+
+Sharding units: the embedding, each block, the output head (final norm + lm_head + loss), then the root. FSDP2
+gathers a unit's full weights only while that unit runs, so the fused loss, which reads `lm_head.weight` inside
+`OutputHead.forward`, sees the whole matrix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from lynx import checkpoint
+from lynx.checkpoint import CheckpointError, hf_name
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AC_MODES = ("none", "full", "every_k")
+
+
+def dtype_from_name(name: str, key: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"{key}: unknown dtype {name!r} (choose from {sorted(DTYPES)})")
+    return DTYPES[name]
+
+
+def build_mesh(device_type: str, world_size: int, replicate: int) -> DeviceMesh:
+    """1-D mesh (full shard over all ranks) or, with replicate > 1, a 2-D (replicate, shard) mesh for HSDP:
+    parameters are sharded within a group of world_size / replicate ranks (one node, typically) and replicated
+    across groups, so all-gathers stay on the fast intra-node links."""
+    if replicate < 1 or world_size % replicate:
+        raise ValueError(f"parallel.replicate={replicate} must be >= 1 and divide the world size {world_size}")
+    if replicate == 1:
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(device_type, (replicate, world_size // replicate), mesh_dim_names=("replicate", "shard"))
+
+
+def parallelize(model: torch.nn.Module, mesh: DeviceMesh, cfg) -> torch.nn.Module:
+    """Apply activation checkpointing, optional per-block torch.compile, then FSDP2 to `model` (in place).
+
+    cfg: a ParallelConfig (param_dtype, reduce_dtype, activation_checkpointing, ac_every, compile,
+    reshard_after_forward). Call on the meta-device model, before materialising and loading weights.
+    """
+    if cfg.activation_checkpointing not in AC_MODES:
+        raise ValueError(f"parallel.activation_checkpointing: {cfg.activation_checkpointing!r} not in {AC_MODES}")
+    every = 1 if cfg.activation_checkpointing == "full" else cfg.ac_every
+    if cfg.activation_checkpointing == "every_k" and every < 1:
+        raise ValueError(f"parallel.ac_every must be >= 1, got {every}")
+    for i, block in enumerate(model.layers):
+        if cfg.activation_checkpointing != "none" and i % every == 0:
+            # Recompute the block's activations in backward: memory per block drops to its input.
+            block = checkpoint_wrapper(block, preserve_rng_state=False)
+        if cfg.compile:
+            block.compile()
+        model.layers[i] = block
+
+    mp = MixedPrecisionPolicy(
+        param_dtype=dtype_from_name(cfg.param_dtype, "parallel.param_dtype"),
+        reduce_dtype=dtype_from_name(cfg.reduce_dtype, "parallel.reduce_dtype"),
+    )
+    shard = dict(mesh=mesh, mp_policy=mp)
+    tied = model.config.tie_word_embeddings
+    if not tied:
+        # A tied embedding is one parameter used at both ends: it must live in one unit, here the root.
+        fully_shard(model.embed_tokens, **shard, reshard_after_forward=cfg.reshard_after_forward)
+    for block in model.layers:
+        fully_shard(block, **shard, reshard_after_forward=cfg.reshard_after_forward)
+    if not tied:
+        # The head runs last in forward and first in backward: keeping it gathered saves one all-gather.
+        fully_shard(model.head, **shard, reshard_after_forward=False)
+    fully_shard(model, **shard)
+    # Gradients are summed, not averaged, across ranks: the loss is already divided by the global token count.
+    # Plain SUM collectives (not NCCL's PREMUL_SUM, which gloo lacks); a factor of 1 means no scaling at all.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def local_slices(t: torch.Tensor) -> tuple[slice, ...]:
+    """The index of this rank's shard of a DTensor within the full tensor (everything for a plain tensor)."""
+    if not isinstance(t, DTensor):
+        return tuple(slice(0, n) for n in t.shape)
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def load_hf_into_sharded(model: torch.nn.Module, path: str | Path) -> None:
+    """Fill the (sharded, materialised) parameters of `model` from a Hugging Face safetensors checkpoint.
+
+    Each rank reads only the rows of each tensor it owns (safetensors `get_slice` reads just those bytes from the
+    memory-mapped file), so no rank ever holds the whole model: peak extra memory is one shard of one tensor.
+    Missing, unexpected or wrongly shaped tensors raise one error listing all of them."""
+    path = Path(path)
+    files = checkpoint._weight_files(path)
+    ours = model.state_dict()  # FSDP2: sharded DTensors sharing storage with the parameters, clean names
+    tied = model.config.tie_word_embeddings
+    wanted = {hf_name(n): n for n in ours if not (tied and n == "head.lm_head.weight")}
+    missing = sorted(set(wanted) - set(files))
+    unexpected = sorted(set(files) - set(wanted) - ({"lm_head.weight"} if tied else set()))
+    wrong_shape = []
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        if name in files:
+            by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():
+        for name in names:
+            # A fresh handle per tensor: mapped pages stay resident until their handle closes, so this bounds the
+            # extra memory to this rank's slice of one tensor (see lynx.checkpoint._copy_tensor).
+            with checkpoint._open(file) as f:
+                target = ours[wanted[name]]
+                sl = f.get_slice(name)
+                shape = tuple(sl.get_shape())
+                if shape != tuple(target.shape):
+                    wrong_shape.append(f"{name}: checkpoint {shape} vs model {tuple(target.shape)}")
+                    continue
+                local = _local(target)
+                if local.numel():
+                    local.copy_(sl[local_slices(target)])  # reads only these rows; converts dtype
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {unexpected}")
+    if wrong_shape:
+        problems.append(f"wrongly shaped tensors: {wrong_shape}")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
+
+
+@torch.no_grad()
+def init_random_sharded(model: torch.nn.Module, *, seed: int, std: float = 0.02) -> None:
+    """Random init (norm gains 1, other weights N(0, std)) that does not depend on how the model is sharded.
+
+    Each full tensor is drawn from a generator seeded by (seed, tensor index) and each rank keeps its slice: the
+    same weights on 1 or N ranks. Every rank materialises one full tensor at a time, fine for the small models
+    that are trained from scratch here."""
+    for i, (name, t) in enumerate(model.state_dict().items()):
+        if name.endswith("norm.weight"):
+            _local(t).fill_(1.0)
+            continue
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        full = torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+        _local(t).copy_(full[local_slices(t)])
+
