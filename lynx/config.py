@@ -77,6 +77,13 @@ class LlamaConfig:
         else:
             raise bad(f"{rope_key}.rope_type", f"{rope_type!r} (supported: 'default', 'llama3')")
 
+        try:
+            return cls._from_checked_dict(d, rope, scaling)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def _from_checked_dict(cls, d: dict, rope: dict, scaling: dict | None) -> "LlamaConfig":
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
