@@ -3,8 +3,6 @@
 import random
 import re
 
-import pytest
-
 from lynx.data.perturb import (
     PERTURBERS, TYPES, Context, Edit, Perturbation, PerturbStats, apply_edits, check, new_number_text, perturb,
 )

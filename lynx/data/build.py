@@ -211,7 +211,7 @@ def build(out_dir, *, seed: int = 17, sources=SOURCES, max_per_source: int | Non
                 passage = window_passage(passage, evidence_span(row.gold_answer, row.question, passage),
                                          max_passage_chars)
             others = tuple(a for rid, a in answers_by_group[row.group] if rid != row.id)
-            ctx = Context(row.question, passage, source=source, other_answers=others, extra=row.extra)
+            ctx = Context(row.question, passage, source=source, other_answers=others)
             p = _halueval_fail(row, ctx, rng, source_stats) if source == "halueval" else None
             if p is None:
                 p = perturber(row.gold_answer, ctx, rng, stats=source_stats)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterator
 
@@ -65,7 +65,6 @@ class Context:
     passage: str
     source: str = ""
     other_answers: tuple[str, ...] = ()
-    extra: dict = field(default_factory=dict)
 
     @property
     def info(self):
