@@ -47,6 +47,13 @@ def test_greedy_matches_transformers_on_mixed_lengths(models):
     assert generate(ours, [PROMPTS[1]], max_new_tokens=20) == [got[1]]
 
 
+def test_equal_length_batch_matches_transformers(models):
+    """No padding takes the unmasked causal prefill path."""
+    ours, hf = models
+    prompts = [[5, 17, 33, 2], [7, 8, 9, 10], [300, 1, 2, 3]]
+    assert generate(ours, prompts, max_new_tokens=15) == hf_generate(hf, prompts, max_new_tokens=15)
+
+
 def test_stop_ids_end_each_sequence_separately(models):
     ours, hf = models
     free = generate(ours, PROMPTS, max_new_tokens=12)

@@ -1,0 +1,126 @@
+"""New tokens per second: lynx.generate against transformers' generate, same bf16 weights, greedy, same run.
+
+Default workload (the issue's): a random Llama of about 50M parameters in bf16, a batch of 8 prompts of 512 tokens,
+64 new tokens, greedy, no early stop. Prefill (prompt -> first token) and decode (the other 63 steps) are timed
+separately: prefill with max_new_tokens=1, the full run with max_new_tokens=N, decode = full - prefill.
+Each implementation is warmed up once, then timed once (--repeats to take the best of several).
+
+  python benchmarks/bench_generate.py
+  python benchmarks/bench_generate.py --batch 8 --prompt-len 512 --new-tokens 64 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lynx.generate import generate  # noqa: E402
+from lynx.model import Llama  # noqa: E402
+
+
+def make_hf_model(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
+        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 128,
+        max_position_embeddings=4096, rope_theta=500000.0, bos_token_id=0, eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.05)
+    return model.to(torch.bfloat16).eval()
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def best_time(fn, repeats):
+    results = [timed(fn) for _ in range(repeats)]
+    return min(t for t, _ in results), results[0][1]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    hf = make_hf_model(args)
+    n_params = sum(p.numel() for p in hf.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = Llama.from_pretrained(tmp, dtype=torch.bfloat16).eval()
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, args.vocab, (args.batch, args.prompt_len), generator=g)
+    prompts = ids.tolist()
+    mask = torch.ones_like(ids)
+
+    def run_ours(n):
+        return generate(ours, prompts, max_new_tokens=n, stop_ids=[])
+
+    @torch.no_grad()
+    def run_hf(n):
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)
+        return out[:, args.prompt_len :].tolist()
+
+    print(f"model: {n_params / 1e6:.1f}M params bf16 (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}); "
+          f"batch {args.batch} x {args.prompt_len} prompt tokens, {args.new_tokens} new tokens, greedy; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for fn in (run_ours, run_hf):  # warm-up (allocator, oneDNN kernels)
+        fn(2)
+
+    rows = {}
+    for name, fn in (("lynx", run_ours), ("transformers", run_hf)):
+        t_prefill, _ = best_time(lambda: fn(1), args.repeats)
+        t_total, tokens = best_time(lambda: fn(args.new_tokens), args.repeats)
+        t_decode = max(t_total - t_prefill, 1e-9)
+        rows[name] = dict(
+            prefill_s=t_prefill, prefill_tok_s=args.batch * args.prompt_len / t_prefill,
+            decode_s=t_decode, decode_tok_s=args.batch * (args.new_tokens - 1) / t_decode,
+            total_s=t_total, new_tok_s=args.batch * args.new_tokens / t_total, tokens=tokens,
+        )
+
+    same = sum(a == b for a, b in zip(rows["lynx"]["tokens"], rows["transformers"]["tokens"]))
+    first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+                  for a, b in zip(rows["lynx"]["tokens"], rows["transformers"]["tokens"])]
+    print(f"{'':14}{'prefill s':>10}{'prompt tok/s':>14}{'decode s':>10}{'decode tok/s':>14}{'total s':>9}"
+          f"{'new tok/s':>11}")
+    for name, r in rows.items():
+        print(f"{name:14}{r['prefill_s']:10.3f}{r['prefill_tok_s']:14.0f}{r['decode_s']:10.3f}{r['decode_tok_s']:14.1f}"
+              f"{r['total_s']:9.3f}{r['new_tok_s']:11.1f}")
+    a, b = rows["lynx"], rows["transformers"]
+    print(f"speedup lynx / transformers: prefill {b['prefill_s'] / a['prefill_s']:.2f}x, "
+          f"decode {a['decode_tok_s'] / b['decode_tok_s']:.2f}x, end-to-end new tokens/s "
+          f"{a['new_tok_s'] / b['new_tok_s']:.2f}x")
+    print(f"greedy outputs identical for {same}/{args.batch} sequences (bf16; first difference at new-token "
+          f"positions {first_diff})")
+
+
+if __name__ == "__main__":
+    main()
