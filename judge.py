@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="where --eval writes report.json/report.md/report.png (default: <output>_report, or "
                             "./judge_report without --output)")
     batch.add_argument("--strict", action="store_true",
-                       help="stop (exit code 2) on the first bad row instead of skipping bad rows with a count")
+                       help="if any row is bad, list them all and exit with code 2 before judging (default: skip "
+                            "bad rows, report their line numbers and count)")
     batch.add_argument("--limit", type=int, help="judge only the first N valid rows")
     batch.add_argument("--no-fast-compare", action="store_true",
                        help="with --eval in full mode, do not also run the fast mode to report its agreement")
