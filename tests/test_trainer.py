@@ -214,3 +214,16 @@ def test_tiny_cpu_config_runs_end_to_end_from_the_command_line(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in (run / "final").iterdir()}
     assert load_file(run / "final/model.safetensors")["lm_head.weight"].dtype == torch.bfloat16
+
+
+def test_tied_embeddings_stay_one_parameter_through_sharding_and_export(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path / "hf", tie_word_embeddings=True)
+    run = tmp_path / "run"
+    train(load_config(None, tiny_overrides(run, max_steps=2, **{"model.init_from": str(ckpt)})),
+          examples=synthetic_examples())
+    exported = load_file(run / "final/model.safetensors")
+    assert "lm_head.weight" not in exported  # stored once, as transformers does
+    model = Llama.from_pretrained(run / "final")
+    assert model.head.lm_head.weight is model.embed_tokens.weight
+    original = load_file(ckpt / "model.safetensors")["model.embed_tokens.weight"]
+    assert not torch.equal(exported["model.embed_tokens.weight"], original)  # trained, through both uses
