@@ -468,8 +468,8 @@ def gpu_peak_flops(cfg: TrainConfig, device) -> float | None:
 
 def step_flops(model_cfg: LlamaConfig, n_params: int, micro_batches: list[dict]) -> float:
     """Model FLOPs of forward + backward on these micro-batches: 6 per parameter per token, plus causal attention
-    over each packed document (QK^T and AV: 2 matmuls x 2 FLOPs x head_dim x heads, halved by causality, x3 for
-    forward + backward)."""
+    over each segment of cu_seqlens (QK^T and AV: 2 matmuls x 2 FLOPs x head_dim x heads, halved by causality, x3
+    for forward + backward; a row's padding is a segment too, so padded batches slightly overstate it)."""
     flops = 0.0
     width = model_cfg.num_attention_heads * model_cfg.head_dim
     for b in micro_batches:
@@ -489,8 +489,15 @@ class MetricsLog:
             return
         path = run_dir / "metrics.jsonl"
         if path.exists():
-            # Steps after the checkpoint we resume from are run again: drop their stale lines.
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            # Steps after the checkpoint we resume from are run again: drop their stale lines (and a line cut
+            # short by a crash).
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass
             path.write_text("".join(line + "\n" for line in kept))
         self.file = open(path, "a")
         if cfg.log.wandb_project:

@@ -227,3 +227,22 @@ def test_tied_embeddings_stay_one_parameter_through_sharding_and_export(tmp_path
     assert model.head.lm_head.weight is model.embed_tokens.weight
     original = load_file(ckpt / "model.safetensors")["model.embed_tokens.weight"]
     assert not torch.equal(exported["model.embed_tokens.weight"], original)  # trained, through both uses
+
+
+def test_resuming_with_another_world_size_is_a_clear_error(tmp_path):
+    run = tmp_path / "run"
+    train(load_config(None, tiny_overrides(run, stop_after_step=1)), examples=synthetic_examples())
+    state = run / "checkpoints/step_00000001/train_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "world_size": 2}))
+    with pytest.raises(RuntimeError, match="written by 2 ranks, this run has 1"):
+        train(load_config(None, tiny_overrides(run)), examples=synthetic_examples())
+
+
+def test_step_flops_counts_parameters_and_causal_attention_per_document():
+    from lynx.config import LlamaConfig
+    from lynx.trainer import step_flops
+
+    cfg = LlamaConfig(**TINY_MODEL)
+    batch = {"cu_seqlens": torch.tensor([0, 3, 8], dtype=torch.int32), "num_tokens": 8}
+    expected = 6 * 1000 * 8 + 6 * 2 * 64 * (3**2 + 5**2)
+    assert step_flops(cfg, 1000, [batch, batch]) == 2 * expected
