@@ -22,6 +22,7 @@ import resource
 import shutil
 import sys
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +123,7 @@ class ConfigError(ValueError):
 def _coerce(value, tp, key: str):
     """`value` (from YAML or a command-line string) as the dataclass field type `tp`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             if type(None) in args:
                 return None
@@ -694,9 +695,11 @@ def _train(cfg: TrainConfig, examples, device, sft_data) -> dict:
     if rank == 0:
         rows = f" | rows: {stats}" if stats else ""
         tps = f"{summary['tokens_per_s']:.0f}" if summary["tokens_per_s"] else "n/a"
-        where = f"exported to {run_dir / 'final'}" if finished and cfg.checkpoint.export else f"checkpoint at step {step}"
-        print(f"done: step {step}/{total_steps}, loss {summary['final_loss']}, {tps} tokens/s, {skipped} skipped steps, "
-              f"{where}{rows}", flush=True)
+        exported = finished and cfg.checkpoint.export
+        where = f"exported to {run_dir / 'final'}" if exported else f"checkpoint at step {step}"
+        loss = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a"
+        print(f"done: step {step}/{total_steps}, loss {loss}, {tps} tokens/s, {skipped} skipped steps, {where}{rows}",
+              flush=True)
     return summary
 
 
