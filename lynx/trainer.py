@@ -254,6 +254,13 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("checkpoint.keep_last must be >= 1")
     if cfg.optim.max_skipped_steps < 1:
         raise ConfigError("optim.max_skipped_steps must be >= 1")
+    if cfg.parallel.activation_checkpointing not in parallel.AC_MODES:
+        raise ConfigError(f"parallel.activation_checkpointing: {cfg.parallel.activation_checkpointing!r} "
+                          f"(choose from {parallel.AC_MODES})")
+    for key in ("parallel.param_dtype", "parallel.reduce_dtype", "checkpoint.export_dtype"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) not in parallel.DTYPES:
+            raise ConfigError(f"{key}: {getattr(getattr(cfg, section), name)!r} (choose from {list(parallel.DTYPES)})")
 
 
 def config_help() -> str:

@@ -48,10 +48,23 @@ def test_unknown_and_badly_typed_keys_are_errors_naming_the_valid_ones(tmp_path)
         load_config(None, tiny_overrides(tmp_path, max_steps="1.5"))
     with pytest.raises(ConfigError, match="parallel.compile: expected true or false"):
         load_config(None, tiny_overrides(tmp_path, **{"parallel.compile": "maybe"}))
+    with pytest.raises(ConfigError, match="parallel.activation_checkpointing: 'some'"):
+        load_config(None, tiny_overrides(tmp_path, **{"parallel.activation_checkpointing": "some"}))
+    with pytest.raises(ConfigError, match="checkpoint.export_dtype: 'fp8'"):
+        load_config(None, tiny_overrides(tmp_path, **{"checkpoint.export_dtype": "fp8"}))
+    with pytest.raises(ConfigError, match="exactly one of model.init_from"):
+        load_config(None, tiny_overrides(tmp_path, **{"model.init_from": "somewhere"}) + ["model.config={}"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  lr: 1.0e-5\n  warmpu_steps: 3\n")
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['optim.warmpu_steps'\].*optim.warmup_steps"):
         load_config(bad)
+
+
+def test_hsdp_replicas_must_divide_the_world_size():
+    from lynx.parallel import build_mesh
+
+    with pytest.raises(ValueError, match="parallel.replicate=3 must be >= 1 and divide the world size 4"):
+        build_mesh("cpu", 4, 3)
 
 
 def test_cli_reports_config_errors_with_exit_code_2(capsys):
