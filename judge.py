@@ -275,7 +275,8 @@ def run(args, rank: int, world: int, device) -> int:
         report_dir = args.report_dir or (
             args.output.with_name(args.output.stem + "_report") if args.output else Path("judge_report"))
         run = {"model": str(args.model), "input": str(args.input), "mode": "fast" if args.fast else "full",
-               "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "dtype": args.dtype,
+               "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+               "dtype": str(judge.model.embed_tokens.weight.dtype).removeprefix("torch."),
                "device": str(judge.device), "processes": world, "long_inputs": args.long_inputs,
                "max_input_tokens": judge.max_input_tokens, "rows_read": len(rows) + len(bad),
                "bad_rows_skipped": len(bad), "seconds": round(elapsed, 2),

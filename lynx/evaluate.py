@@ -212,7 +212,7 @@ def published_comparison(report: dict) -> dict | None:
     if not ours:
         return None
     sources = [s for s in PUBLISHED_SOURCES if s in ours]
-    table = {"ours": {**{s: ours[s] for s in sources}, "mean": float(np.mean([ours[s] for s in sources]))}}
+    table = {"this run": {**{s: ours[s] for s in sources}, "mean": float(np.mean([ours[s] for s in sources]))}}
     for model in PUBLISHED_ACCURACY:
         values = {s: published_accuracy(model, s) for s in sources}
         mean = PUBLISHED_MEAN[model] if len(sources) == len(PUBLISHED_SOURCES) else float(np.mean(list(values.values())))
@@ -272,9 +272,11 @@ def render_markdown(report: dict, run: dict | None = None) -> str:
         lines.append(f"| {label} | " + " | ".join(map(str, counts)) + " |")
     if "fast_mode" in report:
         f = report["fast_mode"]
+        agreement = (f"{_pct(f['agreement_with_full'])}% of the {f['n_compared']} rows scored by both modes"
+                     if f["n_compared"] else "n/a (no row has a full-mode score)")
         lines += ["", "## Fast mode (forced `{\"REASONING\": [], \"SCORE\": \"`, no reasoning)", "",
-                  f"Agreement with the full mode: {_pct(f['agreement_with_full'])}% of {f['n_compared']} rows; "
-                  f"fast accuracy (pooled) {_pct(f['accuracy_pooled'])}; fast AUROC {_num(f['auroc'])}."]
+                  f"Agreement with the full mode: {agreement}; fast accuracy (pooled) {_pct(f['accuracy_pooled'])}%; "
+                  f"fast AUROC {_num(f['auroc'])}."]
     comp = report.get("published_comparison")
     if comp:
         cols = comp["sources"] + ["mean"]
@@ -298,7 +300,7 @@ def write_chart(report: dict, path: Path) -> bool:
         return False
     sources = list(report["per_source"])
     ours = [100 * report["per_source"][s]["accuracy"] for s in sources]
-    series = [("ours", ours)]
+    series = [("this run", ours)]
     for model in ("Lynx 8B", "Lynx 70B"):
         published = [report["per_source"][s]["published_accuracy"] for s in sources]
         if any(published):

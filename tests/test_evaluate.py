@@ -94,7 +94,7 @@ def test_published_numbers_beside_ours(tmp_path):
     r = compute_metrics(rows, n_bootstrap=20)
     comp = r["published_comparison"]
     assert comp["sources"] == ["HaluEval", "DROP", "CovidQA"] and not comp["all_six"]
-    assert comp["accuracy_percent"]["ours"]["CovidQA"] == pytest.approx(75.0)
+    assert comp["accuracy_percent"]["this run"]["CovidQA"] == pytest.approx(75.0)
     assert comp["accuracy_percent"]["Lynx 8B"]["DROP"] == 77.8
     assert comp["accuracy_percent"]["Lynx 70B"]["mean"] == pytest.approx((88.4 + 86.4 + 97.5) / 3)
     assert r["per_source"]["drop"]["published_accuracy"]["Lynx 8B"] == 77.8
@@ -106,7 +106,7 @@ def test_published_numbers_beside_ours(tmp_path):
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert data["run"]["model"] == "tiny" and data["accuracy"]["pooled"] == pytest.approx(0.5)
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| Lynx 70B | 88.4 | 86.4 | 97.5 |" in md and "| ours | 50.0 | 25.0 | 75.0 | 50.0 |" in md
+    assert "| Lynx 70B | 88.4 | 86.4 | 97.5 |" in md and "| this run | 50.0 | 25.0 | 75.0 | 50.0 |" in md
     pytest.importorskip("matplotlib")
     assert "report.png" in names and (tmp_path / "rep" / "report.png").stat().st_size > 1000
 
@@ -120,7 +120,7 @@ def test_published_table_rows_match_the_paper_means():
         assert row_mean == pytest.approx(expected, abs=0.06), model
     rows = [{"source_ds": s, "label": "PASS", "score": "PASS", "p_pass": 0.5} for s in PUBLISHED_SOURCES]
     table = compute_metrics(rows, n_bootstrap=0)["published_comparison"]["accuracy_percent"]
-    assert table["GPT-4-Turbo"]["mean"] == 85.0 and table["ours"]["mean"] == 100.0
+    assert table["GPT-4-Turbo"]["mean"] == 85.0 and table["this run"]["mean"] == 100.0
 
 
 def test_fast_mode_agreement():
