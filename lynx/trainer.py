@@ -700,6 +700,7 @@ def _train(cfg: TrainConfig, examples, device, sft_data) -> dict:
         "rows_dropped": stats.dropped if stats else None,
     }
     if rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         rows = f" | rows: {stats}" if stats else ""
         tps = f"{summary['tokens_per_s']:.0f}" if summary["tokens_per_s"] else "n/a"
         exported = finished and cfg.checkpoint.export

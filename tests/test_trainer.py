@@ -222,6 +222,8 @@ def test_tiny_cpu_config_runs_end_to_end_from_the_command_line(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "3 rows: 3 kept (1 with a truncated document), 0 dropped" in out.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["rows"], summary["rows_truncated"], summary["rows_dropped"]) == (3, 1, 0)
     (m,) = metrics(run)
     assert m["step"] == 1 and math.isfinite(m["loss"]) and m["tokens"] > 0 and m["tokens_per_s"] > 0
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
