@@ -4,8 +4,13 @@ Three paths:
 - plain causal attention (training on unpacked batches, prefill without padding);
 - an explicit boolean mask (generation: left padding and the KV cache);
 - packed sequences (`cu_seqlens`): several documents per row, attention never crosses a document boundary. On CUDA
-  with flash-attn installed this is `flash_attn_varlen_func`; otherwise SDPA with a block-diagonal causal mask, which
-  computes exactly the same thing (slower: the mask is dense).
+  with flash-attn installed this is `flash_attn_varlen_func`; otherwise causal SDPA run on each segment separately
+  (under torch.compile, or with CPU_PACKED_IMPL = "mask": one SDPA call with a dense block-diagonal causal mask,
+  which computes the same thing).
+
+Why per segment rather than the dense mask: SDPA's CPU flash kernel skips the key blocks above the diagonal only
+with is_causal=True; with a dense mask it computes every [T, T] score and builds the mask in every layer. Per
+segment, the work is sum(L_i^2) / 2 instead of T^2. (benchmarks/bench_train_step.py --demo measures both.)
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ try:  # optional: `pip install lynx[gpu]`; tests monkeypatch this name with a pu
     from flash_attn import flash_attn_varlen_func
 except ImportError:
     flash_attn_varlen_func = None
+
+# CPU / no-flash packed path: "segments" (causal SDPA per segment, eager) or "mask" (dense block-causal mask).
+# torch.compile always takes "mask": the per-segment loop depends on the values in cu_seqlens.
+CPU_PACKED_IMPL = "segments"
 
 
 def use_flash_varlen(q: torch.Tensor) -> bool:
@@ -49,12 +58,27 @@ def attention(
             raise ValueError("attention: pass either attn_mask or cu_seqlens, not both")
         return packed_attention(q, k, v, cu_seqlens, max_seqlen)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+    if q.shape[2] == 1 and attn_mask is not None:
+        return single_query_attention(q, k, v, attn_mask).transpose(1, 2)
     gqa = q.shape[1] != k.shape[1]
     if attn_mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
     return out.transpose(1, 2)
+
+
+def single_query_attention(q, k, v, attn_mask) -> torch.Tensor:
+    """One query per sequence (a decode step): q [B, Hq, 1, D], k/v [B, Hkv, T, D], attn_mask [B, 1, 1, T].
+
+    Two small matmuls: for a single query SDPA's CPU kernel is several times slower (it tiles for long query blocks).
+    Query heads are grouped by the KV head they share (GQA: heads j*g .. j*g+g-1 use KV head j, as transformers'
+    repeat_kv), so K and V are never copied."""
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    scores = (q.view(B, Hkv, Hq // Hkv, D) @ k.transpose(-1, -2)).float() * D**-0.5  # [B, Hkv, g, T]
+    probs = torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1).to(v.dtype)
+    return (probs @ v).view(B, Hq, 1, D)
 
 
 def packed_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> torch.Tensor:
@@ -73,8 +97,40 @@ def packed_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int | None =
             cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
         )
         return out.view(B, T, Hq, D)
+    if CPU_PACKED_IMPL == "segments" and not torch.compiler.is_compiling():
+        return segment_attention(q, k, v, cu_seqlens)
+    if CPU_PACKED_IMPL not in ("segments", "mask"):
+        raise ValueError(f"lynx.attention.CPU_PACKED_IMPL must be 'segments' or 'mask', got {CPU_PACKED_IMPL!r}")
     mask = block_causal_mask(cu_seqlens, B, T, q.device)
     return attention(q, k, v, attn_mask=mask)
+
+
+def segment_attention(q, k, v, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA on each segment of cu_seqlens separately (q, k, v [B, T, H, D] -> [B, T, Hq, D]).
+
+    The batch is flattened to one token axis, so a segment is a contiguous run of tokens. Segments of equal length
+    (one document per row, or unpacked batches) go through one batched call."""
+    B, T, Hq, D = q.shape
+    bounds = cu_seqlens.tolist()
+    _check_cu_seqlens(bounds, B, T)
+    q, k, v = (t.reshape(B * T, t.shape[2], D) for t in (q, k, v))
+    lengths = {e - s for s, e in zip(bounds[:-1], bounds[1:])}
+    if len(lengths) == 1:
+        n = lengths.pop()
+        return attention(*(t.view(B * T // n, n, t.shape[1], D) for t in (q, k, v))).view(B, T, Hq, D)
+    outs = [attention(q[None, s:e], k[None, s:e], v[None, s:e])[0] for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs).view(B, T, Hq, D)
+
+
+def _check_cu_seqlens(bounds: list[int], batch_size: int, seq_len: int) -> None:
+    # A segment spanning two rows would be silently cut in two by the per-row mask; refuse it instead.
+    n = batch_size * seq_len
+    if (bounds[0] != 0 or bounds[-1] != n or any(e <= s for s, e in zip(bounds[:-1], bounds[1:]))
+            or not set(range(0, n, seq_len)) <= set(bounds)):
+        raise ValueError(
+            f"cu_seqlens must start at 0, end at B*T = {n}, increase, and include every row start b*T "
+            f"(no segment may span two rows); got {bounds}"
+        )
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int, device=None) -> torch.Tensor:
