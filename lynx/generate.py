@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from lynx.model import Llama, apply_rope, rope_cos_sin
+from lynx.model import Llama
 
 
 @dataclasses.dataclass
@@ -24,61 +24,6 @@ class GenerationResult:
     # With `watch_ids`: per prompt, fp32 logits [n_steps, len(watch_ids)] of those ids at every generated position
     # (row t = the logits that chose tokens[t]; the last row is the stop step when the sequence stopped).
     watched_logits: list[torch.Tensor] | None = None
-
-
-def _prefill(model: Llama, input_ids, position_ids, attn_mask, kv_caches) -> torch.Tensor:
-    """The model's own forward over the prompts, keeping only the last position's logits [B, V] (fp32).
-
-    `Llama.forward` projects every position onto the vocabulary; for a 512-token prefill of a 128k vocabulary that
-    is most of the work and memory, and generation only needs the last position. Same modules, same math.
-    """
-    h = model.embed_tokens(input_ids)
-    cos, sin = rope_cos_sin(model.config, position_ids, h.dtype)
-    attn_kwargs = {"attn_mask": attn_mask}
-    for layer, cache in zip(model.layers, kv_caches):
-        h = layer(h, cos, sin, attn_kwargs, cache, 0)
-    return model.head(h[:, -1]).float()
-
-
-def _decode_attention(q, k, v, blocked) -> torch.Tensor:
-    """Attention of one new query per sequence. q [B, 1, Hq, D]; k, v [B, Hkv, T, D]; blocked [B, 1, 1, T] is True
-    for keys not to attend to. Returns [B, Hq * D].
-
-    For a single query, SDPA's CPU kernel is several times slower than these two small matmuls (it tiles for long
-    query blocks). Queries are grouped by the KV head they share (GQA: q heads j*g .. j*g+g-1 use KV head j, as
-    transformers' repeat_kv), so K and V are never copied. The whole preallocated cache is attended to, with
-    not-yet-written slots masked: slicing it to the written length would make matmul copy K and V every step.
-    """
-    B, _, n_heads, head_dim = q.shape
-    n_kv = k.shape[1]
-    q = q.view(B, n_kv, n_heads // n_kv, head_dim)
-    scores = (q @ k.transpose(-1, -2)).float() * head_dim**-0.5  # [B, Hkv, g, L]
-    scores = scores.masked_fill(blocked, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return (probs @ v).reshape(B, n_heads * head_dim)
-
-
-def _decode_step(model: Llama, tokens, positions, key_mask, caches, slot: int) -> torch.Tensor:
-    """One new token per sequence through the model's modules: its K/V go to cache slot `slot`, attention covers
-    the slots where key_mask [B, T_max] is True. Returns fp32 logits [B, V]. Same math as `Block.forward`, with `_decode_attention` in place of
-    the general attention function."""
-    B = tokens.shape[0]
-    x = model.embed_tokens(tokens[:, None])  # [B, 1, hidden]
-    cos, sin = rope_cos_sin(model.config, positions[:, None], x.dtype)
-    blocked = ~key_mask[:, None, None, :]
-    for block, (k_cache, v_cache) in zip(model.layers, caches):
-        attn = block.self_attn
-        h = block.input_layernorm(x)
-        q = attn.q_proj(h).view(B, 1, attn.n_heads, attn.head_dim)
-        k = attn.k_proj(h).view(B, 1, attn.n_kv_heads, attn.head_dim)
-        v = attn.v_proj(h).view(B, 1, attn.n_kv_heads, attn.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_cache[:, :, slot] = k[:, 0]
-        v_cache[:, :, slot] = v[:, 0]
-        out = _decode_attention(q, k_cache, v_cache, blocked)
-        x = x + attn.o_proj(out[:, None])
-        x = x + block.mlp(block.post_attention_layernorm(x))
-    return model.head(x[:, 0]).float()
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
@@ -154,14 +99,13 @@ def run_generation(
         eye = torch.eye(P, dtype=torch.bool, device=device)
         prefill_mask = ((causal[None] & key_valid[:, None, :P]) | eye[None])[:, None]  # [B, 1, P, P]
 
-    # KV cache laid out [B, H_kv, T_max, D], so each step's attention reads contiguous rows. The model's forward
-    # (prefill) expects [B, T_max, H_kv, D] buffers: it gets transposed views of the same memory.
-    cfg = model.config
-    dtype = model.embed_tokens.weight.dtype
-    shape = (B, cfg.num_key_value_heads, total, cfg.head_dim)
-    caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-              for _ in range(cfg.num_hidden_layers)]
-    model_view = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in caches]
+    caches = model.new_kv_caches(B, total)
+
+    def next_logits(tokens, positions, attn_kwargs, cache_start):
+        # Only the last position's logits: a prefill needs no more (fp32 for sampling and the judge's p_pass).
+        logits = model(tokens, position_ids=positions, attn_kwargs=attn_kwargs, kv_caches=caches,
+                       cache_start=cache_start, last_logits_only=True)
+        return logits[:, -1].float()
 
     generator = None
     if temperature > 0:
@@ -175,7 +119,7 @@ def run_generation(
     n_new = torch.zeros(B, dtype=torch.long, device=device)  # tokens kept per sequence (stop token excluded)
     out_tokens, out_watched = [], []
 
-    logits = _prefill(model, input_ids, position_ids, prefill_mask, model_view)
+    logits = next_logits(input_ids, position_ids, {} if prefill_mask is None else {"attn_mask": prefill_mask}, 0)
     positions = lengths.clone()  # position of the next token per sequence
     for step in range(max_new_tokens):
         next_token = _sample(logits, temperature, top_p, generator)
@@ -192,7 +136,8 @@ def run_generation(
         # Finished sequences keep decoding (cheaper than reshaping the batch); their tokens are discarded.
         slot = P + step
         key_valid[:, slot] = True
-        logits = _decode_step(model, next_token, positions, key_valid, caches, slot)
+        decode_mask = key_valid[:, None, None, :]  # the whole cache, unwritten slots masked (see Llama.forward)
+        logits = next_logits(next_token[:, None], positions[:, None], {"attn_mask": decode_mask}, slot)
         positions += 1
 
     tokens = torch.stack(out_tokens, dim=1).cpu()  # [B, steps]

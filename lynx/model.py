@@ -81,11 +81,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            # Preallocated [B, T_max, H_kv, D] buffers; attend over everything written so far.
+            # Preallocated [B, H_kv, T_max, D] buffers. Keys: the written prefix, or the whole buffer when the mask
+            # spans it (decode: matmuls over a sliced view copy K and V every step; the mask hides unwritten slots).
             k_buf, v_buf = kv_cache
-            k_buf[:, cache_start : cache_start + T] = k
-            v_buf[:, cache_start : cache_start + T] = v
-            k, v = k_buf[:, : cache_start + T], v_buf[:, : cache_start + T]
+            k_buf[:, :, cache_start : cache_start + T] = k.transpose(1, 2)
+            v_buf[:, :, cache_start : cache_start + T] = v.transpose(1, 2)
+            mask = attn_kwargs.get("attn_mask")
+            end = k_buf.shape[2] if mask is not None and mask.shape[-1] == k_buf.shape[2] else cache_start + T
+            k, v = k_buf[:, :, :end].transpose(1, 2), v_buf[:, :, :end].transpose(1, 2)
         out = attention(q, k, v, **attn_kwargs)
         return self.o_proj(out.reshape(B, T, -1))
 
@@ -161,12 +164,16 @@ class Llama(nn.Module):
         kv_caches: list | None = None,
         cache_start: int = 0,
         reduction: str = "mean",
+        last_logits_only: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T, V], or with `labels` the next-token loss (never materialising the logits).
 
         position_ids: [B, T] (default 0..T-1 from cache_start); packed sequences restart them per document.
         attn_kwargs: passed to `lynx.attention.attention` (a mask for generation, segment info for packing).
-        kv_caches: one (k, v) buffer pair per layer, written at [cache_start, cache_start + T).
+        kv_caches: one (k, v) buffer pair per layer (see `new_kv_caches`), written at [cache_start, cache_start + T);
+        attention covers the cache up to cache_start + T, or all of it when attn_mask is [B, 1, T, T_max].
+        last_logits_only: logits of the last position only, [B, 1, V] (generation: a prefill needs no more, and
+        projecting every prompt position onto a 128k vocabulary would be most of its work).
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -176,11 +183,13 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers):
             cache = kv_caches[i] if kv_caches is not None else None
             h = layer(h, cos, sin, attn_kwargs or {}, cache, cache_start)
+        if last_logits_only:
+            h = h[:, -1:]
         return self.head(h, labels, reduction)
 
     def new_kv_caches(self, batch_size: int, max_len: int, dtype=None, device=None) -> list:
         cfg = self.config
-        shape = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         dtype = dtype or self.embed_tokens.weight.dtype
         device = device or self.embed_tokens.weight.device
         return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))

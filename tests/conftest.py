@@ -23,13 +23,15 @@ def make_tiny_hf_model(seed: int = 0, dtype=torch.float32, **overrides):
     )
     kwargs.update(overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kwargs)).to(dtype).eval()
+    model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 0.2)
+            # Parameters only: `model.to(dtype)` would also round the rotary inv_freq buffer and degrade the reference.
+            p.data = p.data.to(dtype)
     return model
 
 
