@@ -531,6 +531,34 @@ class MetricsLog:
             self.wandb.finish()
 
 
+def train_step(model, optimizer, micro_batches: list[dict], device, clip: float) -> tuple[float, float, int, int]:
+    """One optimizer step on this rank's micro-batches (steps 2-4 of the module docstring); the optimizer's lr must
+    already be set. Returns (mean loss, gradient norm, target tokens, tokens), the last two over all ranks. A
+    non-finite loss or norm skips the update (the caller counts it). Also what benchmarks/bench_train_step.py runs."""
+    local = [sum(b["num_target_tokens"] for b in micro_batches), sum(b["num_tokens"] for b in micro_batches)]
+    n_target, n_tokens = all_reduce_sum(local, device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for b in micro_batches:
+        loss = model(
+            b["input_ids"].to(device), b["labels"].to(device), position_ids=b["position_ids"].to(device),
+            attn_kwargs={"cu_seqlens": b["cu_seqlens"].to(device), "max_seqlen": b["max_seqlen"]},
+            reduction="sum",
+        )
+        # Divide by the global count, not this micro-batch's: every target token weighs the same.
+        (loss / max(n_target, 1)).backward()
+        loss_sum += loss.detach().double()
+    dist.all_reduce(loss_sum)
+    mean_loss = (loss_sum / max(n_target, 1)).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = grad_norm.item()
+    if math.isfinite(mean_loss) and math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss, grad_norm, int(n_target), int(n_tokens)
+
+
 # --- the loop -----------------------------------------------------------------------------------------------------
 
 
@@ -627,32 +655,11 @@ def _train(cfg: TrainConfig, examples, device, sft_data) -> dict:
     while step < stop_at:
         t0 = time.perf_counter()
         micro_batches = loader.next_step()
-        local = [sum(b["num_target_tokens"] for b in micro_batches), sum(b["num_tokens"] for b in micro_batches)]
-        n_target, n_tokens = all_reduce_sum(local, device)
         lr = set_lr(optimizer, step, warmup_steps=o.warmup_steps, total_steps=total_steps, alpha_f=o.alpha_f)
-
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for b in micro_batches:
-            loss = model(
-                b["input_ids"].to(device), b["labels"].to(device), position_ids=b["position_ids"].to(device),
-                attn_kwargs={"cu_seqlens": b["cu_seqlens"].to(device), "max_seqlen": b["max_seqlen"]},
-                reduction="sum",
-            )
-            # Divide by the global count, not this micro-batch's: every target token weighs the same.
-            (loss / max(n_target, 1)).backward()
-            loss_sum += loss.detach().double()
-        dist.all_reduce(loss_sum)
-        mean_loss = (loss_sum / max(n_target, 1)).item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = grad_norm.item()
+        mean_loss, grad_norm, n_target, n_tokens = train_step(model, optimizer, micro_batches, device, clip)
         finite = math.isfinite(mean_loss) and math.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
-        else:
+        if not finite:
             skipped += 1
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         dt = time.perf_counter() - t0
 
