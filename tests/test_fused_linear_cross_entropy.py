@@ -109,6 +109,20 @@ def test_torch_bf16_error_no_worse_than_plain_torch(tiles, monkeypatch):
     assert_low_precision_no_worse_than_torch("torch", 512, 128, 8192, torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_tile_math_matches(dtype, monkeypatch):
+    """Large CPU problems run the tile math through torch.compile; force that path on a small shape."""
+    monkeypatch.setattr(flce_module, "COMPILE_MIN_LOGITS", 0)
+    monkeypatch.setattr(flce_module, "TILE_ELEMENTS", 200 * 1000)  # 5 vocab blocks, the last one ragged
+    calls, compiled_tile_ops = [], flce_module._compiled_tile_ops
+    monkeypatch.setattr(flce_module, "_compiled_tile_ops", lambda: calls.append(1) or compiled_tile_ops())
+    if dtype == torch.float32:
+        assert_matches_reference("torch", 200, 32, 4099, "mean")
+    else:
+        assert_low_precision_no_worse_than_torch("torch", 200, 32, 4099, dtype)
+    assert len(calls) == 2, "the compiled path did not run (forward and backward)"
+
+
 def test_auto_backend_on_cpu_is_torch():
     hidden, weight, targets = make_inputs(16, 8, 50)
     a = fused_linear_cross_entropy(hidden, weight, targets, backend="auto")
