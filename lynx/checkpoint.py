@@ -93,9 +93,13 @@ def _copy_tensor(file: Path, name: str, target: torch.Tensor) -> None:
             target[start : start + rows].copy_(f.get_slice(name)[start : start + rows])
 
 
-def load_state_dict_into(model: torch.nn.Module, path: str | Path) -> None:
+def load_state_dict_into(model: torch.nn.Module, path: str | Path, *, copy_tensor=None) -> None:
     """Copy a checkpoint into `model`'s (already allocated) tensors one at a time: peak memory stays near one copy
-    of the weights. Missing, unexpected or wrongly shaped tensors raise one error listing all of them."""
+    of the weights. Missing, unexpected or wrongly shaped tensors raise one error listing all of them.
+
+    copy_tensor(file, name, target) fills one tensor; the default reads it whole, in row slices. The sharded trainer
+    passes one that reads only its rank's rows (lynx.parallel.load_hf_into_sharded)."""
+    copy_tensor = copy_tensor or _copy_tensor
     path = Path(path)
     files = _weight_files(path)
     ours = model.state_dict()
@@ -105,19 +109,14 @@ def load_state_dict_into(model: torch.nn.Module, path: str | Path) -> None:
     # A tied checkpoint may still carry lm_head.weight; it is the embedding, so it is not "unexpected".
     unexpected = sorted(set(files) - set(wanted) - ({"lm_head.weight"} if tied else set()))
     wrong_shape = []
-    by_file: dict[Path, list[str]] = {}
-    for name in wanted:
-        if name in files:
-            by_file.setdefault(files[name], []).append(name)
-    for file, names in by_file.items():
-        with _open(file) as f:
-            for name in names:
-                target = ours[wanted[name]]
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != tuple(target.shape):
-                    wrong_shape.append(f"{name}: checkpoint {shape} vs model {tuple(target.shape)}")
-                    continue
-                _copy_tensor(file, name, target)
+    for name in sorted(set(wanted) & set(files), key=lambda n: str(files[n])):
+        target = ours[wanted[name]]  # under FSDP2 a DTensor: its shape is the full tensor's
+        with _open(files[name]) as f:
+            shape = tuple(f.get_slice(name).get_shape())
+        if shape != tuple(target.shape):
+            wrong_shape.append(f"{name}: checkpoint {shape} vs model {tuple(target.shape)}")
+            continue
+        copy_tensor(files[name], name, target)
     problems = []
     if missing:
         problems.append(f"missing tensors: {missing}")

@@ -18,7 +18,6 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from lynx import checkpoint
-from lynx.checkpoint import CheckpointError, hf_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AC_MODES = ("none", "full", "every_k")
@@ -96,48 +95,21 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _copy_local_rows(file: Path, name: str, target: torch.Tensor) -> None:
+    """Fill this rank's shard of `target` with only its rows of the checkpoint tensor (safetensors `get_slice` reads
+    just those bytes). A fresh handle per tensor: mapped pages stay resident until their handle closes."""
+    local = _local(target)
+    if local.numel():
+        with checkpoint._open(file) as f:
+            local.copy_(f.get_slice(name)[local_slices(target)])  # converts dtype
+
+
 @torch.no_grad()
 def load_hf_into_sharded(model: torch.nn.Module, path: str | Path) -> None:
-    """Fill the (sharded, materialised) parameters of `model` from a Hugging Face safetensors checkpoint.
-
-    Each rank reads only the rows of each tensor it owns (safetensors `get_slice` reads just those bytes from the
-    memory-mapped file), so no rank ever holds the whole model: peak extra memory is one shard of one tensor.
-    Missing, unexpected or wrongly shaped tensors raise one error listing all of them."""
-    path = Path(path)
-    files = checkpoint._weight_files(path)
-    ours = model.state_dict()  # FSDP2: sharded DTensors sharing storage with the parameters, clean names
-    tied = model.config.tie_word_embeddings
-    wanted = {hf_name(n): n for n in ours if not (tied and n == "head.lm_head.weight")}
-    missing = sorted(set(wanted) - set(files))
-    unexpected = sorted(set(files) - set(wanted) - ({"lm_head.weight"} if tied else set()))
-    wrong_shape = []
-    by_file: dict[Path, list[str]] = {}
-    for name in wanted:
-        if name in files:
-            by_file.setdefault(files[name], []).append(name)
-    for file, names in by_file.items():
-        for name in names:
-            # A fresh handle per tensor: mapped pages stay resident until their handle closes, so this bounds the
-            # extra memory to this rank's slice of one tensor (see lynx.checkpoint._copy_tensor).
-            with checkpoint._open(file) as f:
-                target = ours[wanted[name]]
-                sl = f.get_slice(name)
-                shape = tuple(sl.get_shape())
-                if shape != tuple(target.shape):
-                    wrong_shape.append(f"{name}: checkpoint {shape} vs model {tuple(target.shape)}")
-                    continue
-                local = _local(target)
-                if local.numel():
-                    local.copy_(sl[local_slices(target)])  # reads only these rows; converts dtype
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {missing}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {unexpected}")
-    if wrong_shape:
-        problems.append(f"wrongly shaped tensors: {wrong_shape}")
-    if problems:
-        raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
+    """Fill the (sharded, materialised) parameters of `model` from a Hugging Face safetensors checkpoint, with the
+    strict checks of lynx.checkpoint. Each rank reads only the rows it owns, so no rank ever holds the whole model:
+    peak extra memory is one shard of one tensor."""
+    checkpoint.load_state_dict_into(model, path, copy_tensor=_copy_local_rows)
 
 
 @torch.no_grad()
