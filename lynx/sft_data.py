@@ -222,8 +222,9 @@ def truncate_document(tokenizer, messages: list[dict], max_seq_len: int) -> list
 
 
 def tokenize_rows(tokenizer, rows: list[dict], *, max_seq_len: int, overflow: str = "truncate_document",
-                  progress: bool = False) -> tuple[list[Example], TokenizeStats]:
-    """Tokenize every row; returns the kept examples (in row order) and how many were truncated or dropped."""
+                  progress: bool = False, keep_dropped: bool = False) -> tuple[list[Example], TokenizeStats]:
+    """Tokenize every row; returns the kept examples (in row order) and how many were truncated or dropped.
+    keep_dropped: put None in place of each dropped row (one entry per row: the trainer merges ranks' shares)."""
     from tqdm import tqdm
 
     stats = TokenizeStats(rows=len(rows))
@@ -232,6 +233,8 @@ def tokenize_rows(tokenizer, rows: list[dict], *, max_seq_len: int, overflow: st
         example = tokenize_row(tokenizer, row, max_seq_len=max_seq_len, overflow=overflow)
         if example is None:
             stats.dropped += 1
+            if keep_dropped:
+                examples.append(None)
             continue
         stats.kept += 1
         stats.truncated += example.truncated

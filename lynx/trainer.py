@@ -351,9 +351,35 @@ def tokenize_data(cfg: TrainConfig, tokenizer, rank: int):
     if cfg.data.train is None:
         raise ConfigError("data.train: no training file configured")
     rows = sft_data.load_rows(cfg.data.train)
-    return sft_data.tokenize_rows(
-        tokenizer, rows, max_seq_len=cfg.data.max_seq_len, overflow=cfg.data.overflow, progress=rank == 0
-    )
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return sft_data.tokenize_rows(
+            tokenizer, rows, max_seq_len=cfg.data.max_seq_len, overflow=cfg.data.overflow, progress=rank == 0
+        )
+    # Each rank tokenizes every world-th row, then all gather: every rank ends with the same examples in row order
+    # (tokenize_row is deterministic), in 1/world of the time. An error on any rank is raised on all of them.
+    mine, error = None, None
+    try:
+        mine, _ = sft_data.tokenize_rows(tokenizer, rows[rank::world], max_seq_len=cfg.data.max_seq_len,
+                                         overflow=cfg.data.overflow, progress=rank == 0, keep_dropped=True)
+    except Exception as e:  # noqa: BLE001 - re-raised below on every rank
+        error = f"rank {rank}: {type(e).__name__}: {e}"
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (mine, error))
+    errors = [err for _, err in gathered if err]
+    if errors:
+        raise ValueError("tokenizing data.train failed: " + "; ".join(errors))
+    stats = sft_data.TokenizeStats(rows=len(rows))
+    examples = []
+    for i in range(len(rows)):
+        example = gathered[i % world][0][i // world]
+        if example is None:
+            stats.dropped += 1
+            continue
+        stats.kept += 1
+        stats.truncated += example.truncated
+        examples.append(example)
+    return examples, stats
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
