@@ -18,6 +18,17 @@ both sides. Time is the best of --repeats forward+backward steps, after one warm
                                                                      # hours on a 2-core CPU; needs --max-gb 16+
 Cases whose estimated memory exceeds --max-gb (or 80% of the available memory) are skipped and marked as such.
 Results: a table with ratios against naive, and JSON in benchmarks/results/.
+
+Measured 2026-11-22 on the 2-core AVX-512-BF16 development VM while ~5 other agents loaded it (load average 5-7,
+so times are noisy and pessimistic for matmul-bound code), torch 2.13 CPU, cut-cross-entropy 25.1.1:
+    python benchmarks/bench_fused_linear_cross_entropy.py --rounds 2 --repeats 1
+    N=4096 H=1024 V=128256 bf16   time (best of 2)   x naive   peak extra   x naive
+    naive                           40.3 s           1.00      3,006 MB     1.000
+    chunked (torch.compile)         44.9 s           1.11      1,277 MB     0.425
+    cce (torch_compile)             38.7 s           0.96      1,261 MB     0.420
+    ours                            66.8 s           1.66        377 MB     0.125
+Memory target met (0.125x naive <= 0.2x; 0.30x cut-cross-entropy <= 0.6x). Time target NOT met: ours does 4
+matmuls (logits recomputed in backward) where the others do 3; see kernels/fused_linear_cross_entropy.py for why.
 """
 
 from __future__ import annotations
@@ -141,7 +152,7 @@ def make_entry(impl: str):
     raise ValueError(f"unknown implementation {impl!r}")
 
 
-def run_case(impl: str, n: int, h: int, v: int, dtype_name: str, repeats: int, device: str) -> dict:
+def run_case(impl: str, n: int, h: int, v: int, dtype_name: str, repeats: int, device: str, ignore_frac: float) -> dict:
     """The child: one implementation on one shape."""
     import torch
 
@@ -150,7 +161,7 @@ def run_case(impl: str, n: int, h: int, v: int, dtype_name: str, repeats: int, d
     hidden = torch.randn(n, h, device=device).to(dtype).requires_grad_()
     weight = (torch.randn(v, h, device=device) / math.sqrt(h)).to(dtype).requires_grad_()
     targets = torch.randint(0, v, (n,), device=device)
-    targets[torch.rand(n, device=device) < 0.1] = -100
+    targets[torch.rand(n, device=device) < ignore_frac] = -100
     fn = make_entry(impl)
     memory = CudaPeakMemory() if device == "cuda" else CpuPeakMemory()
 
@@ -170,7 +181,8 @@ def run_case(impl: str, n: int, h: int, v: int, dtype_name: str, repeats: int, d
     memory.reset()
     times = [step()[0] for _ in range(repeats)]
     peak = memory.peak_extra_bytes()
-    return dict(impl=impl, n=n, h=h, v=v, dtype=dtype_name, device=device, loss=loss, warmup_s=warmup_s,
+    return dict(impl=impl, n=n, h=h, v=v, dtype=dtype_name, device=device, ignore_frac=ignore_frac, loss=loss,
+                warmup_s=warmup_s,
                 times_s=times, time_s=min(times), peak_extra_bytes=peak)
 
 
@@ -234,6 +246,11 @@ def main():
     p.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS), help="default: all")
     p.add_argument("--full", action="store_true", help="the full grid: N 1024 4096 8192, H 1024 4096, bf16 fp32")
     p.add_argument("--repeats", type=int, default=2, help="timed steps per case after one warm-up (best is kept)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every entry this many times, interleaved, one process each (best time, largest peak "
+                        "kept): evens out other load on a shared machine")
+    p.add_argument("--ignore-frac", type=float, default=0.0,
+                   help="fraction of targets set to -100 (default 0: every entry does the full work)")
     p.add_argument("--max-gb", type=float, default=8.0,
                    help="skip cases whose estimated peak exceeds this (default 8; the machine is shared)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -243,7 +260,7 @@ def main():
 
     if args.child:
         impl, n, h, v, dtype_name = args.child
-        result = run_case(impl, int(n), int(h), int(v), dtype_name, args.repeats, args.device)
+        result = run_case(impl, int(n), int(h), int(v), dtype_name, args.repeats, args.device, args.ignore_frac)
         print("RESULT " + json.dumps(result))
         return
 
@@ -255,31 +272,42 @@ def main():
         args.n, args.h, args.dtype = [1024, 4096, 8192], [1024, 4096], ["bf16", "fp32"]
     cases = [(n, h, DTYPES[d]) for d in args.dtype for h in args.h for n in args.n]
     budget = args.max_gb * 2**30
-    rows = []
+    rows, runs = [], []
     for n, h, dtype_name in cases:
-        for impl in args.impl:
-            row = dict(impl=impl, n=n, h=h, v=args.v, dtype=dtype_name)
-            need = estimated_bytes(impl, n, h, args.v, dtype_name)
-            if impl == "cce" and not cce_installed():
-                row["note"] = "skipped: cut-cross-entropy not installed"
-            elif need > budget or (args.device == "cpu" and need > 0.8 * available_bytes()):
-                row["note"] = f"skipped: needs ~{need / 2**30:.1f} GB (raise --max-gb / free memory)"
-            else:
-                cmd = [sys.executable, __file__, "--child", impl, str(n), str(h), str(args.v), dtype_name,
-                       "--repeats", str(args.repeats), "--device", args.device]
-                print(f"running {impl} N={n} H={h} V={args.v} {dtype_name} ...", file=sys.stderr, flush=True)
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode != 0 or not lines:
-                    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                    row["note"] = f"failed (exit {proc.returncode}): {tail[:120]}"
+        case_rows = {}
+        for round_ in range(args.rounds):
+            for impl in args.impl:
+                row = dict(impl=impl, n=n, h=h, v=args.v, dtype=dtype_name)
+                need = estimated_bytes(impl, n, h, args.v, dtype_name)
+                if impl == "cce" and not cce_installed():
+                    row["note"] = "skipped: cut-cross-entropy not installed"
+                elif need > budget or (args.device == "cpu" and need > 0.8 * available_bytes()):
+                    row["note"] = f"skipped: needs ~{need / 2**30:.1f} GB (raise --max-gb / free memory)"
                 else:
-                    row = json.loads(lines[-1].removeprefix("RESULT "))
-            rows.append(row)
+                    cmd = [sys.executable, __file__, "--child", impl, str(n), str(h), str(args.v), dtype_name,
+                           "--repeats", str(args.repeats), "--device", args.device,
+                           "--ignore-frac", str(args.ignore_frac)]
+                    print(f"round {round_ + 1}/{args.rounds}: {impl} N={n} H={h} V={args.v} {dtype_name} ...",
+                          file=sys.stderr, flush=True)
+                    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+                    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                    if proc.returncode != 0 or not lines:
+                        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                        row["note"] = f"failed (exit {proc.returncode}): {tail[:120]}"
+                    else:
+                        row = json.loads(lines[-1].removeprefix("RESULT "))
+                        runs.append(row)
+                best = case_rows.get(impl)
+                if best is None or "time_s" not in best:
+                    case_rows[impl] = dict(row)
+                elif "time_s" in row:
+                    best["time_s"] = min(best["time_s"], row["time_s"])
+                    best["peak_extra_bytes"] = max(best["peak_extra_bytes"], row["peak_extra_bytes"])
+        rows.extend(case_rows.values())
     print_table(rows)
     out = args.out or REPO / "benchmarks" / "results" / f"fused_linear_cross_entropy-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(command=sys.argv, rows=rows), indent=1))
+    out.write_text(json.dumps(dict(command=sys.argv, rows=rows, runs=runs), indent=1))
     print(f"\nwrote {out}")
 
 

@@ -96,6 +96,8 @@ def assert_low_precision_no_worse_than_torch(backend, N, H, V, dtype):
 def test_torch_matches_fp32_reference(shape, reduction, tiles, monkeypatch):
     if tiles == "small":
         small_tiles(monkeypatch.setattr)
+        if shape[2] > 2000:  # fewer, still ragged, vocab blocks: keeps the test fast
+            monkeypatch.setattr(flce_module, "TILE_ELEMENTS", 48 * 700)
         token_chunk, vocab_block = flce_module.tile_sizes(shape[0], shape[2])
         assert shape == (1, 8, 3) or (vocab_block < shape[2] and token_chunk < shape[0])
     assert_matches_reference("torch", *shape, reduction)
@@ -248,7 +250,6 @@ def run_triton_interpreter_checks():
     """Run in a process started with TRITON_INTERPRET=1: the triton backend against the reference and the twin."""
     from kernels import triton_cross_entropy as tce
 
-    setattr_ = lambda obj, name, value: setattr(obj, name, value)  # noqa: E731  (like monkeypatch.setattr)
     # Per-tile kernels against their torch twins, fp32 and bf16, with a target in / out of / ignored in the tile.
     g = torch.Generator().manual_seed(1)
     for dtype in (torch.float32, torch.bfloat16):
@@ -272,12 +273,11 @@ def run_triton_interpreter_checks():
             normal = dz_t.float().abs() > 1e-30
             assert (dz_k != dz_t)[normal].float().mean() < 0.01
     # Whole loss, several tiles, both reductions, odd shapes.
-    for shape in [(127, 67, 1031), (33, 16, 300)]:
-        for reduction in ("mean", "sum"):
-            assert_matches_reference("triton", *shape, reduction)
-    saved = {k: getattr(flce_module, k) for k in ("TILE_ELEMENTS", "MAX_TOKEN_CHUNK", "MIN_VOCAB_BLOCK")}
-    small_tiles(setattr_)
     assert_matches_reference("triton", 127, 67, 1031, "mean")
+    assert_matches_reference("triton", 33, 16, 300, "sum")
+    saved = {k: getattr(flce_module, k) for k in ("TILE_ELEMENTS", "MAX_TOKEN_CHUNK", "MIN_VOCAB_BLOCK")}
+    small_tiles(setattr)
+    assert_matches_reference("triton", 100, 16, 300, "mean")
     for k, v in saved.items():
         setattr(flce_module, k, v)
     assert_low_precision_no_worse_than_torch("triton", 128, 64, 1031, torch.bfloat16)
