@@ -155,6 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
     p.add_argument("--max-passage-chars", type=int, default=600,
                    help="passages are windowed to this many characters around the answer's evidence (default 600)")
+    p.add_argument("--max-per-source", type=int, help="at most N examples per source (default: all)")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size of the demo tokenizer")
     p.add_argument("--judge-mode", choices=["fast", "full"], default="fast",
                    help="fast: p_pass after a forced score prefix; full: generate the reasoning (slower)")
@@ -165,7 +166,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
 
     run([sys.executable, "-m", "lynx.data", "build", "--out", str(data), "--seed", "17",
-         "--max-passage-chars", str(args.max_passage_chars), "--no-token-stats"], "build PASS/FAIL data")
+         "--max-passage-chars", str(args.max_passage_chars), "--no-token-stats",
+         *(["--max-per-source", str(args.max_per_source)] if args.max_per_source else [])], "build PASS/FAIL data")
 
     print(f"\n=== train a {args.vocab_size}-token BPE tokenizer on {data / 'chat_train.jsonl'}", flush=True)
     tokenizer = train_bpe_tokenizer(chat_texts(data / "chat_train.jsonl"), args.vocab_size)

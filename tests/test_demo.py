@@ -1,0 +1,67 @@
+"""The demo's own pieces: the small BPE tokenizer, the lexical-overlap and majority baselines, and the pipeline
+chained end to end at the smallest size."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lynx.demo import REPO, baseline_rows, fit_overlap_threshold, train_bpe_tokenizer, unsupported_fraction
+from lynx.evaluate import compute_metrics
+from lynx.tokenizer import Tokenizer
+
+
+def test_bpe_tokenizer_keeps_llama3_specials_and_chat_format(tmp_path):
+    texts = ["The DOCUMENT states: 1,234 patients were enrolled in 2019.", "Yes. The answer is faithful."] * 50
+    tok = train_bpe_tokenizer(texts, vocab_size=600)
+    tok.save_pretrained(tmp_path)
+    tok = Tokenizer.from_pretrained(tmp_path)
+    assert 256 + 256 < tok.vocab_size <= 600  # 256 specials + 256 bytes + merges
+    ids = tok.apply_chat_template([{"role": "user", "content": " hi "}])
+    assert ids[0] == tok.bos_id
+    text = tok.decode(ids)
+    assert text == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>" \
+                   "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert tok.decode(tok.encode("1,234 patients in 2019 ü€")) == "1,234 patients in 2019 ü€"  # byte-level: lossless
+
+
+def test_unsupported_fraction_counts_answer_words_missing_from_the_passage():
+    passage = "The trial enrolled 120 patients in Boston."
+    assert unsupported_fraction("120 patients", passage) == 0.0
+    assert unsupported_fraction("140 patients", passage) == 0.5
+    assert unsupported_fraction("Enrolled in BOSTON", passage) == 0.0  # case-insensitive
+    assert unsupported_fraction("", passage) == 0.0
+
+
+def rows(*items):
+    return [{"id": str(i), "passage": p, "question": "q", "answer": a, "label": lab, "source_ds": "s"}
+            for i, (p, a, lab) in enumerate(items)]
+
+
+def test_overlap_threshold_is_fitted_on_validation_and_applied_to_test():
+    val = rows(("a b c", "a b", "PASS"), ("a b c", "a x", "FAIL"), ("a b c", "x y", "FAIL"), ("a b c", "c", "PASS"))
+    t = fit_overlap_threshold(val)
+    assert 0.0 <= t < 0.5  # 0.5 missing must already be FAIL
+    test = rows(("p q", "p", "PASS"), ("p q", "z", "FAIL"), ("p q", "p z", "PASS"))
+    judged = baseline_rows(test, val)
+    assert [r["score"] for r in judged["lexical"]] == ["PASS", "FAIL", "FAIL"]
+    assert compute_metrics(judged["lexical"], n_bootstrap=0)["accuracy"]["pooled"] == pytest.approx(2 / 3)
+    # Majority class of the validation split (a tie goes to PASS, the first listed).
+    assert {r["score"] for r in judged["majority"]} == {"PASS"}
+
+
+def test_demo_pipeline_runs_end_to_end_at_the_smallest_size(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "lynx.demo", "--out", str(out), "--nproc", "1", "--max-per-source", "24",
+           "--vocab-size", "600", "max_steps=2", "global_batch_size=1", "data.max_seq_len=2048",
+           "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
+           "parallel.param_dtype=float32"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = (out / "demo_report.md").read_text()
+    for name in ("lynx demo judge", "majority baseline", "lexical baseline"):
+        assert name in report
+    assert (out / "train" / "final" / "tokenizer.json").is_file()
+    judged = [json.loads(line) for line in (out / "judged_test.jsonl").open()]
+    assert judged and all(r["p_pass"] is not None for r in judged)
