@@ -28,7 +28,7 @@ so times are noisy and pessimistic for matmul-bound code), torch 2.13 CPU, cut-c
     cce (torch_compile)             38.7 s           0.96      1,261 MB     0.420
     ours                            66.8 s           1.66        377 MB     0.125
 Memory target met (0.125x naive <= 0.2x; 0.30x cut-cross-entropy <= 0.6x). Time target NOT met: ours does 4
-matmuls (logits recomputed in backward) where the others do 3; see kernels/fused_linear_cross_entropy.py for why.
+matmuls (logits recomputed in backward) where the others do 3; see kernels/linear_cross_entropy.py for why.
 """
 
 from __future__ import annotations
