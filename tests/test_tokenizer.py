@@ -7,29 +7,12 @@ import random
 
 import pytest
 
+from lynx.prompt import PROMPT_TEMPLATE
 from lynx.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, Tokenizer, read_tiktoken_ranks
 from conftest import LLAMA3_TOKENIZER_DIR, REPO
 
-LYNX_PROMPT = """
-Given the following QUESTION, DOCUMENT and ANSWER you must analyze the provided answer and determine whether it is faithful to the contents of the DOCUMENT. The ANSWER must not offer new information beyond the context provided in the DOCUMENT. The ANSWER also must not contradict information provided in the DOCUMENT. Output your final verdict by strictly following this format: "PASS" if the answer is faithful to the DOCUMENT and "FAIL" if the answer is not faithful to the DOCUMENT. Show your reasoning.
-
---
-QUESTION (THIS DOES NOT COUNT AS BACKGROUND INFORMATION):
-{question}
-
---
-DOCUMENT:
-{context}
-
---
-ANSWER:
-{answer}
-
---
-
-Your output should be in JSON FORMAT with the keys "REASONING" and "SCORE":
-{{"REASONING": <your reasoning as bullet points>, "SCORE": <your final score>}}
-"""
+# The Lynx prompt (its exact text is tested in test_data_prompt.py), with the leading newline of the published text.
+LYNX_PROMPT = "\n" + PROMPT_TEMPLATE
 
 LYNX_FILLED = LYNX_PROMPT.format(
     question="What year did the Lynx paper appear?",
