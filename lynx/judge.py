@@ -26,10 +26,10 @@ import torch
 from lynx.generate import run_generation
 from lynx.model import Llama
 from lynx.prompt import judge_messages
+from lynx.sft_data import TRUNCATION_MARKER, truncate_document
 from lynx.tokenizer import Tokenizer
 
 FAST_PREFIX = '{"REASONING": [], "SCORE": "'
-TRUNCATION_MARKER = "\n\n[... middle of the document removed to fit the model's context ...]\n\n"
 LONG_INPUT_POLICIES = ("truncate", "skip")
 
 # The published parsers' score patterns, then a relaxed one (any quotes or none, any case, `:` or `=`).
@@ -303,20 +303,13 @@ class Judge:
             return ids, False
         if self.long_inputs == "skip":
             return None, False
-        doc_ids = self.tokenizer.encode(context, allow_special=False)
-        budget = limit - len(self._chat_ids(question, TRUNCATION_MARKER, answer))
-        for _ in range(8):  # re-tokenizing at the cut can differ by a few tokens: shrink until it fits
-            if budget <= 0:
-                return None, False
-            head = budget - budget // 2
-            tail = budget - head
-            document = self.tokenizer.decode(doc_ids[:head]) + TRUNCATION_MARKER
-            document += self.tokenizer.decode(doc_ids[len(doc_ids) - tail :]) if tail else ""
-            ids = self._chat_ids(question, document, answer)
-            if len(ids) <= limit:
-                return ids, True
-            budget -= len(ids) - limit
-        return None, False
+        # The same middle cut (and marker) the trainer applies to over-long training rows.
+        messages = judge_messages(question, context, answer)
+        header = len(ids) - len(self.tokenizer.apply_chat_template(messages, add_generation_prompt=False))
+        cut = truncate_document(self.tokenizer, messages, limit - header)
+        if cut is None:
+            return None, False
+        return self.tokenizer.apply_chat_template(cut, add_generation_prompt=True), True
 
     # --- judging ----------------------------------------------------------------------------------------------------
 
