@@ -74,12 +74,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache=None, cache_start: int = 0):
+    def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache=None, cache_start: int = 0, last_only: bool = False):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if last_only:  # the last position's query only; every position's keys and values (they fill the cache)
+            x, cos, sin = x[:, -1:], cos[:, -1:], sin[:, -1:]
+        q = apply_rope(self.q_proj(x).view(B, x.shape[1], self.n_heads, self.head_dim), cos, sin)
         if kv_cache is not None:
             # Preallocated [B, H_kv, T_max, D] buffers. Keys: the written prefix, or the whole buffer when the mask
             # spans it (decode: matmuls over a sliced view copy K and V every step; the mask hides unwritten slots).
@@ -89,8 +90,15 @@ class Attention(nn.Module):
             mask = attn_kwargs.get("attn_mask")
             end = k_buf.shape[2] if mask is not None and mask.shape[-1] == k_buf.shape[2] else cache_start + T
             k, v = k_buf[:, :, :end].transpose(1, 2), v_buf[:, :, :end].transpose(1, 2)
+        if last_only:
+            if "cu_seqlens" in attn_kwargs:
+                raise ValueError("last_logits_only does not apply to packed sequences (cu_seqlens)")
+            # The last query sees every key (causal), or its row of the mask.
+            mask = attn_kwargs.get("attn_mask")
+            mask = torch.ones(B, 1, 1, k.shape[1], dtype=torch.bool, device=k.device) if mask is None else mask[:, :, -1:]
+            attn_kwargs = {"attn_mask": mask}
         out = attention(q, k, v, **attn_kwargs)
-        return self.o_proj(out.reshape(B, T, -1))
+        return self.o_proj(out.reshape(B, q.shape[1], -1))
 
 
 class MLP(nn.Module):
@@ -112,8 +120,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache=None, cache_start: int = 0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_kwargs, kv_cache, cache_start)
+    def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache=None, cache_start: int = 0, last_only: bool = False):
+        """last_only: output the last position only (its keys and values still cover every position)."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, attn_kwargs, kv_cache, cache_start, last_only)
+        x = (x[:, -1:] if last_only else x) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -172,19 +182,22 @@ class Llama(nn.Module):
         attn_kwargs: passed to `lynx.attention.attention` (a mask for generation, segment info for packing).
         kv_caches: one (k, v) buffer pair per layer (see `new_kv_caches`), written at [cache_start, cache_start + T);
         attention covers the cache up to cache_start + T, or all of it when attn_mask is [B, 1, T, T_max].
-        last_logits_only: logits of the last position only, [B, 1, V] (generation: a prefill needs no more, and
-        projecting every prompt position onto a 128k vocabulary would be most of its work).
+        last_logits_only: logits of the last position only, [B, 1, V] (generation: a prefill needs no more). The last
+        block then runs its query, attention output and MLP for that position alone (every position's keys and values
+        are still computed and cached): nothing else reads the other positions' final hidden states, and projecting
+        them onto a 128k vocabulary would be most of a prefill's work.
         """
         B, T = input_ids.shape
+        if last_logits_only and labels is not None:
+            raise ValueError("last_logits_only returns logits; it cannot be combined with labels (a loss)")
         if position_ids is None:
             position_ids = torch.arange(cache_start, cache_start + T, device=input_ids.device).expand(B, T)
         h = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.config, position_ids, h.dtype)
         for i, layer in enumerate(self.layers):
             cache = kv_caches[i] if kv_caches is not None else None
-            h = layer(h, cos, sin, attn_kwargs or {}, cache, cache_start)
-        if last_logits_only:
-            h = h[:, -1:]
+            last_only = last_logits_only and i == len(self.layers) - 1
+            h = layer(h, cos, sin, attn_kwargs or {}, cache, cache_start, last_only)
         return self.head(h, labels, reduction)
 
     def new_kv_caches(self, batch_size: int, max_len: int, dtype=None, device=None) -> list:

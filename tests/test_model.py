@@ -168,3 +168,32 @@ def test_eval_mode_and_no_grad_state(tiny_checkpoint):
     assert not model.training
     assert all(p.requires_grad for p in model.parameters())  # trainable after loading
     assert not any(p.is_meta for p in model.parameters())
+
+
+@torch.no_grad()
+def test_last_logits_only_matches_the_full_forward(tiny_checkpoint):
+    """last_logits_only runs the last block for the final position alone; its logits must equal the full forward's
+    last row, with and without a padding mask, and the KV cache must hold every position's keys all the same."""
+    model = Llama.from_pretrained(tiny_checkpoint)
+    ids = input_ids(seq_len=40)
+    B, T = ids.shape
+    full = model(ids)
+    torch.testing.assert_close(model(ids, last_logits_only=True), full[:, -1:], rtol=0, atol=1e-5)
+
+    # Left padding as generation builds it: row 0 has 7 padding slots, each padding query sees only itself.
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[0, :7] = False
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = ((causal[None] & valid[:, None, :]) | torch.eye(T, dtype=torch.bool)[None])[:, None]
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    kwargs = dict(position_ids=positions, attn_kwargs={"attn_mask": mask})
+    full_caches, last_caches = model.new_kv_caches(B, T + 4), model.new_kv_caches(B, T + 4)
+    full = model(ids, kv_caches=full_caches, **kwargs)
+    last = model(ids, kv_caches=last_caches, last_logits_only=True, **kwargs)
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=1e-5)
+    for (k_full, v_full), (k_last, v_last) in zip(full_caches, last_caches):
+        torch.testing.assert_close(k_last, k_full, rtol=0, atol=0)
+        torch.testing.assert_close(v_last, v_full, rtol=0, atol=0)
+
+    with pytest.raises(ValueError, match="labels"):
+        model(ids, ids, last_logits_only=True)
