@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn as nn
 
 from lynx.model import Llama
 
@@ -24,6 +25,49 @@ class GenerationResult:
     # With `watch_ids`: per prompt, fp32 logits [n_steps, len(watch_ids)] of those ids at every generated position
     # (row t = the logits that chose tokens[t]; the last row is the stop step when the sequence stopped).
     watched_logits: list[torch.Tensor] | None = None
+
+
+class PrepackedLinear(nn.Module):
+    """Inference-only stand-in for a bias-free bf16 `nn.Linear` on CPU, with its weight laid out once, up front, in
+    oneDNN's blocked format. Given a plain weight, oneDNN's bf16 matmul lays it out again on every call; with the
+    few rows of a decode step that costs more than the product (a 32000 x 512 output projection, 8 rows, weights
+    not in cache: 4.4 ms plain, 2.8 ms prepacked). Same kernel, same results, bit for bit (tested)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
+
+    @property
+    def weight(self):
+        raise RuntimeError(
+            "this model's linear weights were prepacked for CPU inference (lynx.generate.prepack_linear_weights); "
+            "it cannot compute a loss, train or be saved: load the checkpoint again for that"
+        )
+
+
+def can_prepack(model: Llama) -> bool:
+    """bf16 on a CPU whose oneDNN runs bf16 natively: where prepacking is exact and pays."""
+    w = model.embed_tokens.weight
+    return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@torch.no_grad()
+def prepack_linear_weights(model: Llama) -> bool:
+    """Replace every bias-free linear layer of a bf16 CPU model with a PrepackedLinear, in place, and return True;
+    return False (model untouched) where that does not apply (see `can_prepack`). One layer at a time, so memory
+    peaks at one extra weight. The model is then for inference only."""
+    if not can_prepack(model):
+        return False
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.bias is None:
+                setattr(parent, name, PrepackedLinear(child))
+    return True
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lynx.generate import run_generation
+from lynx.generate import prepack_linear_weights, run_generation
 from lynx.model import Llama
 from lynx.prompt import judge_messages
 from lynx.sft_data import TRUNCATION_MARKER, truncate_document
@@ -270,6 +270,7 @@ class Judge:
         if dtype is None and self.device.type == "cuda":
             dtype = torch.bfloat16
         self.model = Llama.from_pretrained(self.model_dir, dtype=dtype, device=self.device).eval()
+        prepack_linear_weights(self.model)  # bf16 on CPU: faster decode steps, same outputs
         self.tokenizer = tokenizer or load_tokenizer(self.model_dir)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
             raise ValueError(

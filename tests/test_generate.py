@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lynx.generate import generate, run_generation
+from lynx.generate import PrepackedLinear, can_prepack, generate, prepack_linear_weights, run_generation
 from lynx.model import Llama
 from tests.conftest import make_tiny_checkpoint, make_tiny_hf_model
 
@@ -98,3 +98,34 @@ def test_bad_arguments_raise(models):
         generate(ours, [[1], []], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate(ours, [[1, 2]], max_new_tokens=10_000)
+
+
+def test_prepacked_bf16_model_generates_bit_identical_output(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "tiny", seed=5)
+    plain = Llama.from_pretrained(path, dtype=torch.bfloat16).eval()
+    packed = Llama.from_pretrained(path, dtype=torch.bfloat16).eval()
+    did = prepack_linear_weights(packed)
+    assert did == can_prepack(plain)
+    if not did:  # a CPU without native bf16 in oneDNN: the model must be left exactly as it was
+        assert not any(isinstance(m, PrepackedLinear) for m in packed.modules())
+        return
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in plain.modules())
+    assert sum(isinstance(m, PrepackedLinear) for m in packed.modules()) == n_linear
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    watch = [3, 70, 200]
+    expected = run_generation(plain, PROMPTS, max_new_tokens=12, watch_ids=watch)
+    got = run_generation(packed, PROMPTS, max_new_tokens=12, watch_ids=watch)
+    assert got.tokens == expected.tokens
+    for a, b in zip(got.watched_logits, expected.watched_logits):
+        assert torch.equal(a, b)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        assert torch.equal(packed(ids), plain(ids))
+    with pytest.raises(RuntimeError, match="prepacked"):
+        packed(ids, ids)  # the loss reads lm_head.weight, which no longer exists as a plain tensor
+
+
+def test_fp32_model_is_not_prepacked(models):
+    ours, _ = models
+    assert not prepack_linear_weights(ours)
+    assert not any(isinstance(m, PrepackedLinear) for m in ours.modules())
