@@ -24,7 +24,7 @@ optimizer state, activations, gathered bf16 weights, logits). Absolute peaks are
 never rises above a transient high-water mark from before the baseline, the delta would be a lower bound; the script
 says so when that happens.
 
-MFU: model FLOPs per step / step time / measured bf16 matmul peak. Model FLOPs follow lynx.trainer.step_flops
+MFU: model FLOPs per step / step time / measured bf16 matmul peak (both sides: same model, same tokens). Model FLOPs follow lynx.trainer.step_flops
 (6 x parameters x tokens + causal attention) with the input embedding left out of the parameters (a lookup, not a
 matmul). The machine is shared, so the load average is printed and saved, and each side's fastest step is reported
 (other load only adds time); --threads 1 gives steadier numbers on a loaded machine.
@@ -297,6 +297,8 @@ def main(argv=None):
     load_after = os.getloadavg()
     peak_flops = max(r["peak_flops"] for r in peak)
 
+    if not args.demo:  # same model and batch on both sides: the same model FLOPs, so transformers gets an MFU too
+        results["transformers"]["flops_per_step"] = results["lynx"]["flops_per_step"]
     summary = {label: summarise(r, peak_flops) for label, r in results.items()}
     base_label, ours_label = list(summary)
     base, ours = summary[base_label], summary[ours_label]
@@ -318,6 +320,10 @@ def main(argv=None):
     print(f"{ours_label} / {base_label}: {speedup:.2f}x tokens/s, {mem_ratio:.2f}x step memory, "
           f"{ours['peak_rss_mib'] / base['peak_rss_mib']:.2f}x absolute peak RSS")
     if not args.demo:
+        # At 100% MFU a step takes model FLOPs / peak: the most any implementation could gain over this baseline.
+        ceiling = base["step_s"] * peak_flops / results[ours_label]["flops_per_step"]
+        print(f"ceiling: a step at 100% MFU would be {ceiling:.2f}x {base_label}'s tokens/s; 1.3x needs "
+              f"{1.3 * base['mfu'] * 100:.0f}% MFU ({base_label}: {base['mfu'] * 100:.1f}%)")
         print(f"target: >= 1.3x tokens/s ({'met' if speedup >= 1.3 else 'NOT met'}), <= 0.7x peak memory "
               f"({'met' if mem_ratio <= 0.7 else 'NOT met'})")
 
