@@ -1,6 +1,7 @@
 """The whole Lynx recipe at toy scale, offline on a CPU: perturb -> train -> judge.
 
     python -m lynx.demo [--out runs/demo] [--config configs/demo-cpu.yaml] [--nproc 2]
+    python -m lynx.demo --config configs/demo-cpu-long.yaml --out runs/demo-long     # the longer run (README)
 
 1. builds PASS/FAIL data from the shipped real QA samples with our perturbations (`python -m lynx.data build`);
 2. trains a small byte-level BPE tokenizer on the training split, keeping the Llama-3 special tokens and chat format
@@ -12,6 +13,11 @@
 5. prints the accuracy table and writes report.md, report.json and a loss-curve plot.
 
 Every step is the real command-line tool a user would run on GPUs; the demo only chains them.
+
+The config may have a `demo:` section with defaults for the demo's own options (max_passage_chars, vocab_size,
+train_target, judge_mode; the command-line flags override it); train.py gets the config without that section.
+train_target "verdict" replaces each training row's reasoning with the empty one that the fast judge mode forces
+(`{"REASONING": [], "SCORE": "PASS"}`); "both" trains on every row twice, with its reasoning and without.
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from lynx.judge import FAST_PREFIX
 from lynx.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +67,53 @@ def chat_texts(path: Path):
         for line in f:
             for message in json.loads(line)["messages"]:
                 yield message["content"]
+
+
+# --- training rows --------------------------------------------------------------------------------------------------
+
+TRAIN_TARGETS = ("reasoning", "verdict", "both")
+
+
+def verdict_only(row: dict) -> dict:
+    """The row with its assistant turn replaced by the verdict after an empty reasoning: exactly the completion the
+    fast judge mode scores (judge.FAST_PREFIX, then the label)."""
+    verdict = {"role": "assistant", "content": f'{FAST_PREFIX}{row["label"]}"}}'}
+    return {**row, "messages": row["messages"][:-1] + [verdict]}
+
+
+def write_training_rows(chat_train: Path, target: str, out: Path) -> Path:
+    """The training file for `target`: the builder's rows (reasoning), their verdict-only form, or both (each row
+    with its reasoning, then the same rows verdict-only; the trainer packs and shuffles them)."""
+    if target not in TRAIN_TARGETS:
+        raise ValueError(f"train_target must be one of {TRAIN_TARGETS}, got {target!r}")
+    if target == "reasoning":
+        return chat_train
+    rows = read_jsonl(chat_train)
+    with open(out, "w") as f:
+        for row in (rows if target == "both" else []):
+            f.write(json.dumps(row) + "\n")
+        for row in rows:
+            f.write(json.dumps(verdict_only(row)) + "\n")
+    return out
+
+
+# --- the demo's options in the config -------------------------------------------------------------------------------
+
+DEMO_DEFAULTS = {"max_passage_chars": 600, "vocab_size": 4096, "train_target": "reasoning", "judge_mode": "fast"}
+
+
+def split_demo_config(path: Path) -> tuple[dict, dict]:
+    """(demo options from the config's `demo:` section, the rest of the config for train.py)."""
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    demo = config.pop("demo", None) or {}
+    if not isinstance(demo, dict):
+        raise SystemExit(f"demo: {path}: 'demo' must be a mapping of demo options")
+    unknown = sorted(set(demo) - set(DEMO_DEFAULTS))
+    if unknown:
+        raise SystemExit(f"demo: {path}: unknown demo option(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(DEMO_DEFAULTS)}")
+    return demo, config
 
 
 # --- lexical-overlap and majority baselines -------------------------------------------------------------------------
@@ -153,17 +209,29 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "demo", help="output folder (default runs/demo)")
     p.add_argument("--config", type=Path, default=REPO / "configs" / "demo-cpu.yaml", help="training config")
     p.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
-    p.add_argument("--max-passage-chars", type=int, default=600,
+    p.add_argument("--max-passage-chars", type=int,
                    help="passages are windowed to this many characters around the answer's evidence (default 600)")
     p.add_argument("--max-per-source", type=int, help="at most N examples per source (default: all)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size of the demo tokenizer")
-    p.add_argument("--judge-mode", choices=["fast", "full"], default="fast",
-                   help="fast: p_pass after a forced score prefix; full: generate the reasoning (slower)")
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size of the demo tokenizer (default 4096)")
+    p.add_argument("--train-target", choices=TRAIN_TARGETS,
+                   help="assistant turns to train on: the reasoning and verdict (default), the verdict after an "
+                        "empty reasoning, or both")
+    p.add_argument("--judge-mode", choices=["fast", "full"],
+                   help="fast (default): p_pass after a forced score prefix; full: generate the reasoning (slower)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides, as for train.py")
     args = p.parse_args(argv)
     out = args.out.resolve()
     data, tok_dir, train_dir = out / "data", out / "tokenizer", out / "train"
     start = time.perf_counter()
+    demo, train_config = split_demo_config(args.config)
+    for key, default in DEMO_DEFAULTS.items():  # command line > the config's demo section > default
+        if getattr(args, key) is None:
+            setattr(args, key, demo.get(key, default))
+    if args.train_target not in TRAIN_TARGETS or args.judge_mode not in ("fast", "full"):
+        raise SystemExit(f"demo: {args.config}: train_target must be one of {TRAIN_TARGETS}, judge_mode fast or full")
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "train_config.yaml"
+    config_path.write_text(yaml.safe_dump(train_config, sort_keys=False))
 
     run([sys.executable, "-m", "lynx.data", "build", "--out", str(data), "--seed", "17",
          "--max-passage-chars", str(args.max_passage_chars), "--no-token-stats",
@@ -173,9 +241,10 @@ def main(argv=None) -> int:
     tokenizer = train_bpe_tokenizer(chat_texts(data / "chat_train.jsonl"), args.vocab_size)
     tokenizer.save_pretrained(tok_dir)
 
+    train_rows = write_training_rows(data / "chat_train.jsonl", args.train_target, out / f"train_{args.train_target}.jsonl")
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-         "train.py", "--config", str(args.config), f"run_dir={train_dir}",
-         f"data.train={data / 'chat_train.jsonl'}", f"model.tokenizer={tok_dir}",
+         "train.py", "--config", str(config_path), f"run_dir={train_dir}",
+         f"data.train={train_rows}", f"model.tokenizer={tok_dir}",
          f"model.config.vocab_size={tokenizer.vocab_size}", *args.overrides], "train the judge (FSDP2, gloo)")
 
     judged = out / "judged_test.jsonl"

@@ -7,8 +7,12 @@ import sys
 
 import pytest
 
-from lynx.demo import REPO, baseline_rows, fit_overlap_threshold, train_bpe_tokenizer, unsupported_fraction
+from lynx.demo import (REPO, baseline_rows, fit_overlap_threshold, split_demo_config, train_bpe_tokenizer,
+                       unsupported_fraction, verdict_only, write_training_rows)
 from lynx.evaluate import compute_metrics
+from lynx.judge import FAST_PREFIX
+from lynx.sft_data import load_rows
+from lynx.trainer import load_config, validate
 from lynx.tokenizer import Tokenizer
 
 
@@ -54,7 +58,7 @@ def test_overlap_threshold_is_fitted_on_validation_and_applied_to_test():
 def test_demo_pipeline_runs_end_to_end_at_the_smallest_size(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "lynx.demo", "--out", str(out), "--nproc", "1", "--max-per-source", "24",
-           "--vocab-size", "600", "max_steps=2", "global_batch_size=1", "data.max_seq_len=2048",
+           "--vocab-size", "600", "--train-target", "both", "max_steps=2", "global_batch_size=1", "data.max_seq_len=2048",
            "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
            "parallel.param_dtype=float32"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -65,3 +69,43 @@ def test_demo_pipeline_runs_end_to_end_at_the_smallest_size(tmp_path):
     assert (out / "train" / "final" / "tokenizer.json").is_file()
     judged = [json.loads(line) for line in (out / "judged_test.jsonl").open()]
     assert judged and all(r["p_pass"] is not None for r in judged)
+
+
+def chat_row(label):
+    return {"messages": [{"role": "user", "content": "Q D A"},
+                         {"role": "assistant", "content": f'{{"REASONING": ["r"], "SCORE": "{label}"}}'}],
+            "id": f"x-{label}", "label": label}
+
+
+def test_verdict_only_rows_are_the_completion_the_fast_judge_scores(tmp_path):
+    row = chat_row("FAIL")
+    v = verdict_only(row)
+    assert v["messages"][0] == row["messages"][0] and v["id"] == row["id"]
+    assert v["messages"][-1] == {"role": "assistant", "content": FAST_PREFIX + 'FAIL"}'}
+    assert json.loads(v["messages"][-1]["content"]) == {"REASONING": [], "SCORE": "FAIL"}
+    train = tmp_path / "chat_train.jsonl"
+    train.write_text("".join(json.dumps(chat_row(lab)) + "\n" for lab in ("PASS", "FAIL")))
+    assert write_training_rows(train, "reasoning", tmp_path / "r.jsonl") == train  # the builder's file, untouched
+    verdict = load_rows(write_training_rows(train, "verdict", tmp_path / "v.jsonl"))
+    assert [r["messages"][-1]["content"] for r in verdict] == [FAST_PREFIX + 'PASS"}', FAST_PREFIX + 'FAIL"}']
+    both = load_rows(write_training_rows(train, "both", tmp_path / "b.jsonl"))
+    assert [r["messages"][-1]["content"] for r in both] == [
+        chat_row("PASS")["messages"][-1]["content"], chat_row("FAIL")["messages"][-1]["content"],
+        FAST_PREFIX + 'PASS"}', FAST_PREFIX + 'FAIL"}']
+    with pytest.raises(ValueError, match="train_target"):
+        write_training_rows(train, "answers", tmp_path / "x.jsonl")
+
+
+def test_demo_section_of_the_config_is_split_off_and_checked(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("demo:\n  vocab_size: 2048\n  train_target: both\nmax_steps: 3\nmodel:\n  init_std: 0.02\n")
+    demo, rest = split_demo_config(config)
+    assert demo == {"vocab_size": 2048, "train_target": "both"}
+    assert rest == {"max_steps": 3, "model": {"init_std": 0.02}}
+    config.write_text("demo:\n  vocab: 2048\nmax_steps: 3\n")
+    with pytest.raises(SystemExit, match="unknown demo option.*vocab"):
+        split_demo_config(config)
+    for shipped in ("demo-cpu.yaml", "demo-cpu-long.yaml"):  # the shipped configs pass train.py's validation
+        _, rest = split_demo_config(REPO / "configs" / shipped)
+        (tmp_path / shipped).write_text(json.dumps(rest))
+        validate(load_config(tmp_path / shipped, ["data.train=x.jsonl"]))
