@@ -9,7 +9,8 @@ Sides (each in its own subprocess, so memory is measured cleanly and one side's 
         fp32 master weights, the fused linear + cross-entropy loss, torch AdamW through lynx.optim.build_optimizer.
         The batch goes through lynx.sft_data.collate, so attention takes the packed (cu_seqlens) path as in training.
   hf    transformers.LlamaForCausalLM (SDPA attention), fp32 weights, torch.autocast(cpu, bfloat16), its own loss,
-        clip_grad_norm_, torch AdamW.
+        clip_grad_norm_, torch AdamW (fused, as the transformers Trainer builds it with torch >= 2.8; --adamw loop
+        runs torch's per-tensor loop on both sides).
   peak  the bf16 matrix-product peak: the best of several large square bf16 matmuls.
 
 Default workload (the issue's): a Llama-3-shaped model of ~51M parameters (GQA 8 query / 2 key-value heads of 64,
@@ -147,8 +148,8 @@ def worker_lynx(args) -> dict:
     device, _ = trainer.init_distributed()
     mesh = parallel.build_mesh(device.type, 1, 1)
     model = trainer.build_model(cfg, mesh, device)
-    if args.fused_adamw:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    if args.adamw == "loop":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=False)
     else:  # what the trainer builds for optim.name=adamw
         optimizer = build_optimizer(model.parameters(), "adamw", lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
     sequences = []
@@ -193,7 +194,7 @@ def worker_hf(args) -> dict:
     if args.ac != "none":
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0,
-                                  fused=args.fused_adamw or None)
+                                  fused=args.adamw == "fused")
     rows = [docs[0] for docs in make_documents(args)]
     input_ids = torch.tensor(rows)
     labels = input_ids.clone()
@@ -257,9 +258,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per side (0: torch's default; --demo: 1, what torchrun gives each of its 2 "
                         "processes)")
-    p.add_argument("--fused-adamw", action="store_true",
-                   help="both sides: torch AdamW with fused=True instead of torch's default (per-tensor loop on CPU; "
-                        "the trainer's build_optimizer uses the default)")
+    p.add_argument("--adamw", choices=("fused", "loop"), default="fused",
+                   help="torch AdamW implementation, both sides: fused (default; what lynx.optim builds and what the "
+                        "transformers Trainer picks with torch >= 2.8) or torch's per-tensor loop")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (the fastest is reported)")
     p.add_argument("--peak-size", type=int, default=4096)
@@ -308,7 +309,7 @@ def main(argv=None):
     r0 = results[ours_label]
     print(f"model: {r0['n_params'] / 1e6:.1f}M parameters, {r0['tokens_per_step']} tokens/step "
           f"({args.batch if not args.demo else 1} x {args.seq}, {r0['segments']} segments), "
-          f"activation checkpointing {args.ac}, {'fused' if args.fused_adamw else 'default'} AdamW, {args.threads or torch.get_num_threads()} thread(s) per side")
+          f"activation checkpointing {args.ac}, {args.adamw} AdamW, {args.threads or torch.get_num_threads()} thread(s) per side")
     print(f"{'':18s} {'step s':>8s} {'tokens/s':>9s} {'step mem MiB':>13s} {'peak RSS MiB':>13s} {'MFU':>6s}")
     for label, s in summary.items():
         mfu = f"{s['mfu'] * 100:5.1f}%" if "mfu" in s else "   n/a"

@@ -261,3 +261,38 @@ def test_step_flops_counts_parameters_and_causal_attention_per_document():
     batch = {"cu_seqlens": torch.tensor([0, 3, 8], dtype=torch.int32), "num_tokens": 8}
     expected = 6 * 1000 * 8 + 6 * 2 * 64 * (3**2 + 5**2)
     assert step_flops(cfg, 1000, [batch, batch]) == 2 * expected
+
+
+def test_one_rank_bf16_gradients_are_the_plain_bf16_gradients_upcast(tmp_path):
+    """On one rank FSDP2 reduces in the parameter dtype (lynx.parallel); the fp32 sharded gradients must still be
+    exactly the bf16 gradients of an unsharded bf16 model, upcast: no rounding, no scaling on the way."""
+    import torch.distributed as dist
+
+    from lynx import parallel, sft_data, trainer
+
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"parallel.param_dtype": "bfloat16"}))
+    device, owns_group = trainer.init_distributed()
+    try:
+        model = trainer.build_model(cfg, parallel.build_mesh("cpu", 1, 1), device)
+        reference = Llama(model.config)
+        reference.load_state_dict({k: v.full_tensor() for k, v in model.state_dict().items()})
+        reference.to(torch.bfloat16)
+        examples = synthetic_examples(n=6)
+        seq = sft_data.PackedSequence()
+        for ex in examples:
+            seq.input_ids += ex.input_ids
+            seq.labels += ex.labels
+            seq.lengths.append(len(ex.input_ids))
+        batch = sft_data.collate([seq], len(seq.input_ids))
+        for m in (model, reference):
+            loss = m(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"],
+                     attn_kwargs={"cu_seqlens": batch["cu_seqlens"], "max_seqlen": batch["max_seqlen"]},
+                     reduction="sum")
+            loss.backward()
+        ref_grads = dict(reference.named_parameters())
+        for name, p in model.named_parameters():
+            assert p.grad.dtype == torch.float32
+            assert torch.equal(p.grad.full_tensor(), ref_grads[name].grad.float()), name
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
