@@ -52,8 +52,12 @@ class PrepackedLinear(nn.Module):
 def can_prepack(model: Llama) -> bool:
     """bf16 on a CPU whose oneDNN runs bf16 natively: where prepacking is exact and pays."""
     w = model.embed_tokens.weight
-    return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not (w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()):
+        return False
+    # Private oneDNN ops (the ones torch.compile's CPU weight prepacking uses): fall back to plain weights wherever
+    # a torch build lacks them.
+    ops = ("_is_mkldnn_bf16_supported", "_reorder_linear_weight", "_linear_pointwise")
+    return all(hasattr(torch.ops.mkldnn, op) for op in ops) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 @torch.no_grad()
