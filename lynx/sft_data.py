@@ -148,8 +148,12 @@ def chat_ids_and_labels(tokenizer, messages: list[dict]) -> tuple[list[int], lis
     return ids, labels
 
 
-def tokenize_row(tokenizer, row: dict, *, max_seq_len: int, overflow: str = "truncate_document") -> Example | None:
+def tokenize_row(tokenizer, row: dict, *, max_seq_len: int, overflow: str = "truncate_document",
+                 train_on_inputs: bool = False) -> Example | None:
     """A row (from `load_rows`) -> Example, or None when it is longer than max_seq_len and cannot be kept.
+
+    train_on_inputs: labels on every token (prompt and template included), not only the assistant turns: plain
+    language-model loss over the whole conversation (axolotl's option of the same name).
 
     overflow="drop": over-long rows are dropped. overflow="truncate_document": the DOCUMENT section of the Lynx
     prompt (between "DOCUMENT:\\n" and "\\n\\n--\\nANSWER:" in a user turn) loses its middle, replaced by
@@ -160,16 +164,17 @@ def tokenize_row(tokenizer, row: dict, *, max_seq_len: int, overflow: str = "tru
         raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
     messages = row_messages(row)
     ids, labels = chat_ids_and_labels(tokenizer, messages)
-    if len(ids) <= max_seq_len:
-        return Example(ids, labels)
-    if overflow == "drop":
-        return None
-    messages = truncate_document(tokenizer, messages, max_seq_len)
-    if messages is None:
-        return None
-    ids, labels = chat_ids_and_labels(tokenizer, messages)
-    assert len(ids) <= max_seq_len
-    return Example(ids, labels, truncated=True)
+    truncated = False
+    if len(ids) > max_seq_len:
+        if overflow == "drop":
+            return None
+        messages = truncate_document(tokenizer, messages, max_seq_len)
+        if messages is None:
+            return None
+        ids, labels = chat_ids_and_labels(tokenizer, messages)
+        assert len(ids) <= max_seq_len
+        truncated = True
+    return Example(ids, list(ids) if train_on_inputs else labels, truncated=truncated)
 
 
 def row_messages(row: dict) -> list[dict]:
@@ -222,7 +227,7 @@ def truncate_document(tokenizer, messages: list[dict], max_seq_len: int) -> list
 
 
 def tokenize_rows(tokenizer, rows: list[dict], *, max_seq_len: int, overflow: str = "truncate_document",
-                  progress: bool = False, keep_dropped: bool = False) -> tuple[list[Example], TokenizeStats]:
+                  train_on_inputs: bool = False, progress: bool = False, keep_dropped: bool = False) -> tuple[list[Example], TokenizeStats]:
     """Tokenize every row; returns the kept examples (in row order) and how many were truncated or dropped.
     keep_dropped: put None in place of each dropped row (one entry per row: the trainer merges ranks' shares)."""
     from tqdm import tqdm
@@ -230,7 +235,8 @@ def tokenize_rows(tokenizer, rows: list[dict], *, max_seq_len: int, overflow: st
     stats = TokenizeStats(rows=len(rows))
     examples = []
     for row in tqdm(rows, desc="tokenize", unit="row", disable=not progress):
-        example = tokenize_row(tokenizer, row, max_seq_len=max_seq_len, overflow=overflow)
+        example = tokenize_row(tokenizer, row, max_seq_len=max_seq_len, overflow=overflow,
+                               train_on_inputs=train_on_inputs)
         if example is None:
             stats.dropped += 1
             if keep_dropped:

@@ -55,6 +55,7 @@ class DataConfig:
     train: str | None = None  # JSONL rows: {"messages": [...]} or {"prompt", "response"}
     max_seq_len: int = 8000  # packed sequence length; longer rows follow `overflow`
     overflow: str = "truncate_document"  # or "drop"
+    train_on_inputs: bool = False  # loss on every token (prompt too), not only the assistant turns
     pack: bool = True  # several examples per sequence; False: one example per sequence (padded to max_seq_len)
     micro_batch_size: int = 1  # sequences per rank per forward/backward
     drop_last: bool = True  # drop the last incomplete global batch of each epoch (else wrap around)
@@ -354,14 +355,16 @@ def tokenize_data(cfg: TrainConfig, tokenizer, rank: int):
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world == 1:
         return sft_data.tokenize_rows(
-            tokenizer, rows, max_seq_len=cfg.data.max_seq_len, overflow=cfg.data.overflow, progress=rank == 0
+            tokenizer, rows, max_seq_len=cfg.data.max_seq_len, overflow=cfg.data.overflow,
+            train_on_inputs=cfg.data.train_on_inputs, progress=rank == 0,
         )
     # Each rank tokenizes every world-th row, then all gather: every rank ends with the same examples in row order
     # (tokenize_row is deterministic), in 1/world of the time. An error on any rank is raised on all of them.
     mine, error = None, None
     try:
         mine, _ = sft_data.tokenize_rows(tokenizer, rows[rank::world], max_seq_len=cfg.data.max_seq_len,
-                                         overflow=cfg.data.overflow, progress=rank == 0, keep_dropped=True)
+                                         overflow=cfg.data.overflow, train_on_inputs=cfg.data.train_on_inputs,
+                                         progress=rank == 0, keep_dropped=True)
     except Exception as e:  # noqa: BLE001 - re-raised below on every rank
         error = f"rank {rank}: {type(e).__name__}: {e}"
     gathered = [None] * world

@@ -125,6 +125,19 @@ def test_tokenize_row_short_row_is_untouched(tok):
     assert tok.decode([i for i, lbl in zip(ids, labels) if lbl != IGNORE_INDEX]) == TARGET + "<|eot_id|>"
 
 
+def test_train_on_inputs_labels_every_token_also_after_truncation(tok):
+    row = lynx_row("The Titanic sank in 1912.")
+    example = tokenize_row(tok, row, max_seq_len=8000, train_on_inputs=True)
+    assert example.labels == example.input_ids  # the prompt carries loss too
+    assert tokenize_row(tok, row, max_seq_len=8000).input_ids == example.input_ids
+    long_row = lynx_row(long_document(3000))
+    truncated = tokenize_row(tok, long_row, max_seq_len=600, train_on_inputs=True)
+    assert truncated.truncated and truncated.labels == truncated.input_ids
+    assert truncated.input_ids == tokenize_row(tok, long_row, max_seq_len=600).input_ids
+    examples, _ = tokenize_rows(tok, [row, long_row], max_seq_len=600, train_on_inputs=True)
+    assert all(e.labels == e.input_ids for e in examples)
+
+
 # --- over-long rows -----------------------------------------------------------------------------------------------
 
 

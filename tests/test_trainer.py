@@ -296,3 +296,21 @@ def test_one_rank_bf16_gradients_are_the_plain_bf16_gradients_upcast(tmp_path):
     finally:
         if owns_group:
             dist.destroy_process_group()
+
+
+def test_train_on_inputs_reaches_the_tokenized_data(tmp_path):
+    from lynx.prompt import training_messages
+    from lynx.sft_data import IGNORE_INDEX
+    from lynx.tokenizer import Tokenizer
+    from lynx.trainer import tokenize_data
+
+    rows = tmp_path / "train.jsonl"
+    rows.write_text(json.dumps({"messages": training_messages("How many?", "Forty adults.", "Forty.", "PASS")}) + "\n")
+    tok = Tokenizer.llama3()
+    for flag in (False, True):
+        cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"data.train": str(rows), "data.max_seq_len": 1024,
+                                                                   "data.train_on_inputs": str(flag).lower()}))
+        (example,), stats = tokenize_data(cfg, tok, rank=0)
+        assert stats.kept == 1
+        assert (example.labels == example.input_ids) == flag
+        assert (IGNORE_INDEX in example.labels) != flag
