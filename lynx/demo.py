@@ -15,7 +15,7 @@
 Every step is the real command-line tool a user would run on GPUs; the demo only chains them.
 
 The config may have a `demo:` section with defaults for the demo's own options (max_passage_chars, vocab_size,
-train_target, judge_mode; the command-line flags override it); train.py gets the config without that section.
+train_target, judge_mode, train_fail_variants; the command-line flags override it); train.py gets the config without that section.
 train_target "verdict" replaces each training row's reasoning with the empty one that the fast judge mode forces
 (`{"REASONING": [], "SCORE": "PASS"}`); "both" trains on every row twice, with its reasoning and without.
 """
@@ -99,7 +99,8 @@ def write_training_rows(chat_train: Path, target: str, out: Path) -> Path:
 
 # --- the demo's options in the config -------------------------------------------------------------------------------
 
-DEMO_DEFAULTS = {"max_passage_chars": 600, "vocab_size": 4096, "train_target": "reasoning", "judge_mode": "fast"}
+DEMO_DEFAULTS = {"max_passage_chars": 600, "vocab_size": 4096, "train_target": "reasoning", "judge_mode": "fast",
+                 "train_fail_variants": 1}
 
 
 def split_demo_config(path: Path) -> tuple[dict, dict]:
@@ -212,6 +213,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-passage-chars", type=int,
                    help="passages are windowed to this many characters around the answer's evidence (default 600)")
     p.add_argument("--max-per-source", type=int, help="at most N examples per source (default: all)")
+    p.add_argument("--train-fail-variants", type=int,
+                   help="FAIL answers per training question, each with a copy of its PASS example (default 1)")
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size of the demo tokenizer (default 4096)")
     p.add_argument("--train-target", choices=TRAIN_TARGETS,
                    help="assistant turns to train on: the reasoning and verdict (default), the verdict after an "
@@ -229,12 +232,15 @@ def main(argv=None) -> int:
             setattr(args, key, demo.get(key, default))
     if args.train_target not in TRAIN_TARGETS or args.judge_mode not in ("fast", "full"):
         raise SystemExit(f"demo: {args.config}: train_target must be one of {TRAIN_TARGETS}, judge_mode fast or full")
+    if not isinstance(args.train_fail_variants, int) or args.train_fail_variants < 1:
+        raise SystemExit(f"demo: {args.config}: train_fail_variants must be an integer >= 1")
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "train_config.yaml"
     config_path.write_text(yaml.safe_dump(train_config, sort_keys=False))
 
     run([sys.executable, "-m", "lynx.data", "build", "--out", str(data), "--seed", "17",
          "--max-passage-chars", str(args.max_passage_chars), "--no-token-stats",
+         "--train-fail-variants", str(args.train_fail_variants),
          *(["--max-per-source", str(args.max_per_source)] if args.max_per_source else [])], "build PASS/FAIL data")
 
     print(f"\n=== train a {args.vocab_size}-token BPE tokenizer on {data / 'chat_train.jsonl'}", flush=True)

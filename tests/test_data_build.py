@@ -157,6 +157,10 @@ def test_cli(tmp_path, capsys):
         [f"{kind}_{s}.jsonl" for kind in ("chat", "halubench") for s in SPLITS] + ["stats.json"])
     assert main(["build", "--out", str(out), "--max-per-source", "1"]) == 1
     assert "at least 2" in capsys.readouterr().err
+    assert main(["build", "--out", str(out), "--sources", "drop", "--max-per-source", "10", "--no-token-stats",
+                 "--train-fail-variants", "2"]) == 0
+    assert json.loads((out / "stats.json").read_text())["train_fail_variants"] == 2
+    assert main(["build", "--out", str(out), "--train-fail-variants", "0"]) == 1
     with pytest.raises(SystemExit):
         main(["build", "--out", str(out), "--sources", "ragtruth"])
 
@@ -166,3 +170,29 @@ def test_token_stats(tmp_path):
     stats = build(tmp_path, seed=17, sources=("halueval",), max_per_source=20, log=lambda *a: None)
     lengths = stats["token_lengths"]["halueval"]
     assert lengths["n"] == 20 and 150 < lengths["median"] < 1000 and lengths["over_8000"] == 0
+
+
+def test_train_fail_variants_add_training_pairs_only(tmp_path):
+    kwargs = dict(max_per_source=40, max_passage_chars=1500, token_stats=False, log=lambda *a: None)
+    build(tmp_path / "one", seed=17, **kwargs)
+    stats = build(tmp_path / "three", seed=17, train_fail_variants=3, **kwargs)
+    one, three = _digest(tmp_path / "one"), _digest(tmp_path / "three")
+    for split in ("val", "test"):  # evaluation files do not change
+        for kind in ("chat", "halubench"):
+            assert one[f"{kind}_{split}.jsonl"] == three[f"{kind}_{split}.jsonl"]
+    base = read(tmp_path / "one" / "chat_train.jsonl")
+    rows = read(tmp_path / "three" / "chat_train.jsonl")
+    assert {r["id"] for r in base} <= {r["id"] for r in rows}  # the K=1 pairs are all still there
+    assert len({r["id"] for r in rows}) == len(rows) > 2 * len(base)
+    by_question = defaultdict(lambda: {"PASS": [], "FAIL": []})
+    for r in rows:
+        question = r["id"].rsplit("-", 1)[0]
+        by_question[question][r["label"]].append(r["messages"][0]["content"])
+    for question, labels in by_question.items():
+        assert 1 <= len(labels["FAIL"]) <= 3 and len(labels["PASS"]) == len(labels["FAIL"]), question
+        assert len(set(labels["PASS"])) == 1  # copies of one PASS example
+        assert len(set(labels["FAIL"])) == len(labels["FAIL"])  # different FAIL answers
+    assert sum(len(v["FAIL"]) == 3 for v in by_question.values()) > 0.8 * len(by_question)
+    assert stats["train_fail_variants"] == 3
+    with pytest.raises(ValueError, match="train_fail_variants"):
+        build(tmp_path / "zero", train_fail_variants=0, **kwargs)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lynx.demo import (REPO, baseline_rows, fit_overlap_threshold, split_demo_config, train_bpe_tokenizer,
+from lynx.demo import (REPO, baseline_rows, main as demo_main, fit_overlap_threshold, split_demo_config, train_bpe_tokenizer,
                        unsupported_fraction, verdict_only, write_training_rows)
 from lynx.evaluate import compute_metrics
 from lynx.judge import FAST_PREFIX
@@ -109,3 +109,13 @@ def test_demo_section_of_the_config_is_split_off_and_checked(tmp_path):
         _, rest = split_demo_config(REPO / "configs" / shipped)
         (tmp_path / shipped).write_text(json.dumps(rest))
         validate(load_config(tmp_path / shipped, ["data.train=x.jsonl"]))
+
+
+def test_bad_demo_option_values_stop_before_any_work(tmp_path):
+    config = tmp_path / "c.yaml"
+    for bad in ("train_fail_variants: 0", "train_fail_variants: two", "train_target: answers"):
+        config.write_text(f"demo:\n  {bad}\nmax_steps: 3\n")
+        key = bad.split(":")[0]
+        with pytest.raises(SystemExit, match=key):
+            demo_main(["--config", str(config), "--out", str(tmp_path / "out")])
+        assert not (tmp_path / "out").exists()

@@ -28,6 +28,9 @@ def main(argv=None) -> int:
                    help="cut passages longer than C characters to a window of whole sentences around the answer's "
                         "evidence (COVID-QA papers are ~21k characters, ~5k tokens). For small CPU models only: "
                         "answers that need facts from far apart in the passage may lose their support")
+    b.add_argument("--train-fail-variants", type=int, default=1, metavar="K",
+                   help="FAIL answers per training question, each next to a copy of its PASS example (default 1); "
+                        "validation and test keep one pair per question")
     b.add_argument("--split-fractions", type=float, nargs=3, default=list(DEFAULT_FRACTIONS),
                    metavar=("TRAIN", "VAL", "TEST"), help="share of examples per split (default 0.7 0.15 0.15)")
     b.add_argument("--raw-dir", default=None, help="raw sources folder (default: the repository's data/raw)")
@@ -47,7 +50,8 @@ def main(argv=None) -> int:
     try:
         build(args.out, seed=args.seed, sources=args.sources, max_per_source=args.max_per_source,
               max_passage_chars=args.max_passage_chars, fractions=tuple(args.split_fractions),
-              raw_dir=args.raw_dir, token_stats=not args.no_token_stats, perturber=perturber)
+              raw_dir=args.raw_dir, token_stats=not args.no_token_stats, perturber=perturber,
+              train_fail_variants=args.train_fail_variants)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -5,6 +5,10 @@ perturbed answer (FAIL), so every source and split is balanced by construction. 
 hallucinated answers (hand-written perturbation is the fallback); the other sources are perturbed by
 lynx.data.perturb (or by a model, lynx.data.model_perturb, when --perturb-model is given).
 
+--train-fail-variants K (default 1) gives each training question K different FAIL answers, each next to a copy of
+its PASS example so the training labels stay balanced; validation and test keep one pair per question (the same
+files as with K = 1), so evaluations stay comparable.
+
 Splits are made per source over connected groups of questions: two questions about the same passage, or two rows
 with the same question, always land in the same split, so no passage and no question appears in two splits.
 
@@ -118,8 +122,8 @@ def _halueval_fail(row: Row, ctx: Context, rng: random.Random, stats: PerturbSta
 
 
 def _example(row: Row, split: str, passage: str, answer: str, label: str, reasoning: list[str],
-             p: Perturbation | None, component: str) -> dict:
-    ex_id = f"{row.id}-{label.lower()}"
+             p: Perturbation | None, component: str, variant: int = 1) -> dict:
+    ex_id = f"{row.id}-{label.lower()}" + (f"{variant}" if variant > 1 else "")
     meta = {
         "id": ex_id, "source": row.source, "split": split, "label": label, "group": component,
         "perturbation": None if p is None else {
@@ -129,6 +133,26 @@ def _example(row: Row, split: str, passage: str, answer: str, label: str, reason
     halubench = {"id": ex_id, "passage": passage, "question": row.question, "answer": answer, "label": label,
                  "source_ds": row.source}
     return {"chat": chat, "halubench": halubench}
+
+
+def extra_fail_answers(row: Row, ctx: Context, first: Perturbation, n: int, seed: int, perturber) -> list[Perturbation]:
+    """Up to n more FAIL answers for a question, each different from the first and from each other (seeded draws of
+    the same perturber; HaluEval's unused hallucinated answers first). Fewer when the answer offers fewer."""
+    seen, out = {normalize(first.answer)}, []
+    candidates = []
+    if row.source == "halueval":
+        candidates = [Perturbation(a, "hallucinated", (Edit(0, row.gold_answer, a),))
+                      for a in row.extra.get("hallucinated_answers", [])
+                      if normalize(a) != normalize(row.gold_answer)]
+    for attempt in range(4 * n):  # a few draws per wanted variant: some repeat an earlier answer
+        if len(out) == n:
+            break
+        rng = random.Random(f"{seed}:{row.id}:{attempt + 2}")
+        p = candidates.pop(0) if candidates else perturber(row.gold_answer, ctx, rng)
+        if p is not None and normalize(p.answer) not in seen:
+            seen.add(normalize(p.answer))
+            out.append(p)
+    return out
 
 
 def _length_summary(values: list[int]) -> dict:
@@ -166,13 +190,16 @@ def _token_stats(examples: list[dict]) -> tuple[dict | None, str]:
 
 def build(out_dir, *, seed: int = 17, sources=SOURCES, max_per_source: int | None = None,
           max_passage_chars: int | None = None, fractions=DEFAULT_FRACTIONS, raw_dir=None, token_stats: bool = True,
-          perturber: Callable | None = None, log=print) -> dict:
+          perturber: Callable | None = None, train_fail_variants: int = 1, log=print) -> dict:
     """Build the dataset into `out_dir`; returns the statistics (also saved as stats.json).
 
     max_per_source: at most this many examples (PASS + FAIL) per source, taken from the seeded row order.
     max_passage_chars: window passages longer than this around the answer evidence (for small CPU models).
     perturber: `(gold, ctx, rng, stats=...) -> Perturbation | None`, default the hand-written lynx.data.perturb.
+    train_fail_variants: FAIL answers per training question (each with a copy of its PASS example); val/test keep 1.
     """
+    if train_fail_variants < 1:
+        raise ValueError(f"train_fail_variants must be at least 1, got {train_fail_variants}")
     if abs(sum(fractions) - 1.0) > 1e-6 or len(fractions) != 3 or min(fractions) < 0:
         raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
     if max_per_source is not None and max_per_source < 2:
@@ -184,6 +211,7 @@ def build(out_dir, *, seed: int = 17, sources=SOURCES, max_per_source: int | Non
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = {"seed": seed, "sources": list(sources), "max_per_source": max_per_source,
              "max_passage_chars": max_passage_chars, "split_fractions": list(fractions),
+             **({"train_fail_variants": train_fail_variants} if train_fail_variants > 1 else {}),
              "loader_skipped": {}, "questions": {}, "perturbation": {}}
     perturb_stats = PerturbStats()
     examples = []
@@ -226,11 +254,14 @@ def build(out_dir, *, seed: int = 17, sources=SOURCES, max_per_source: int | Non
         split_of = assign_splits(sizes, fractions, seed)
         for row, passage, p, ctx in kept:
             split, comp = split_of[component[row.id]], component[row.id]
-            examples.append(_example(row, split, passage, row.gold_answer, "PASS",
-                                     pass_reasoning(row.question, row.gold_answer, passage, row.extra.get("spans", ())),
-                                     None, comp))
-            examples.append(_example(row, split, passage, p.answer, "FAIL", fail_reasoning(row.gold_answer, p, ctx),
-                                     p, comp))
+            fails = [p]
+            if split == "train" and train_fail_variants > 1:
+                fails += extra_fail_answers(row, ctx, p, train_fail_variants - 1, seed, perturber)
+            reasoning = pass_reasoning(row.question, row.gold_answer, passage, row.extra.get("spans", ()))
+            for variant, q in enumerate(fails, 1):  # variant > 1: a copy of the PASS example keeps labels balanced
+                examples.append(_example(row, split, passage, row.gold_answer, "PASS", reasoning, None, comp, variant))
+                examples.append(_example(row, split, passage, q.answer, "FAIL", fail_reasoning(row.gold_answer, q, ctx),
+                                         q, comp, variant))
     stats["perturbation"]["all"] = perturb_stats.table()
 
     # Files: one line per example, in a seeded order (PASS and FAIL of a question are not adjacent).
