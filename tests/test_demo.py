@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from lynx.demo import (REPO, baseline_rows, main as demo_main, fit_overlap_threshold, split_demo_config, train_bpe_tokenizer,
+from lynx.demo import (REPO, baseline_rows, fit_overlap_threshold, split_demo_config, train_bpe_tokenizer,
                        unsupported_fraction, verdict_only, write_training_rows)
+from lynx.demo import main as demo_main
 from lynx.evaluate import compute_metrics
 from lynx.judge import FAST_PREFIX
 from lynx.sft_data import load_rows
