@@ -15,7 +15,8 @@
 Every step is the real command-line tool a user would run on GPUs; the demo only chains them.
 
 The config may have a `demo:` section with defaults for the demo's own options (max_passage_chars, vocab_size,
-train_target, judge_mode, train_fail_variants; the command-line flags override it); train.py gets the config without that section.
+train_target, judge_mode, train_fail_variants; the command-line flags override it); train.py gets the config
+without that section.
 train_target "verdict" replaces each training row's reasoning with the empty one that the fast judge mode forces
 (`{"REASONING": [], "SCORE": "PASS"}`); "both" trains on every row twice, with its reasoning and without.
 """
