@@ -26,8 +26,9 @@ V=128256, bf16 (benchmarks/bench_fused_linear_cross_entropy.py; numbers in its d
 The price is time: the loss is matmul-bound (>85% in matmuls with the compiled tile math) and does 4/3 of the
 matmul work of a 3-matmul method. Measured on the quiet 2-core CPU (2 threads): 11.9 s per forward + backward
 against 13.4 s naive, 11.7 s chunked-compiled and 9.5 s cut-cross-entropy; peak extra memory 0.37 GB against 3.0 /
-1.3 / 1.3 GB. Our 4.3 TFLOP in 11.9 s is already ~360 GFLOP/s: matching 9.5 s would take 455 GFLOP/s, and the fastest
-bf16 matmul measured on this CPU (the loss's own [4096, 1024] x [1024, 2048] tile) runs at 381. Ignored tokens are dropped before any matmul.
+1.3 / 1.3 GB. Our 4.3 TFLOP in 11.9 s is already ~360 GFLOP/s: matching 9.5 s would take 455 GFLOP/s, and the
+fastest bf16 matmul measured on this CPU (the loss's own [4096, 1024] x [1024, 2048] tile) runs at 381.
+Ignored tokens are dropped before any matmul.
 
 Backends: "torch" is the pure-torch twin (the CPU path and the test oracle). "triton" runs the per-tile softmax /
 log-sum-exp / gradient-of-logits math as Triton kernels (kernels/triton_cross_entropy.py) and leaves the matmuls

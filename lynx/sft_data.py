@@ -227,7 +227,8 @@ def truncate_document(tokenizer, messages: list[dict], max_seq_len: int) -> list
 
 
 def tokenize_rows(tokenizer, rows: list[dict], *, max_seq_len: int, overflow: str = "truncate_document",
-                  train_on_inputs: bool = False, progress: bool = False, keep_dropped: bool = False) -> tuple[list[Example], TokenizeStats]:
+                  train_on_inputs: bool = False, progress: bool = False,
+                  keep_dropped: bool = False) -> tuple[list[Example], TokenizeStats]:
     """Tokenize every row; returns the kept examples (in row order) and how many were truncated or dropped.
     keep_dropped: put None in place of each dropped row (one entry per row: the trainer merges ranks' shares)."""
     from tqdm import tqdm

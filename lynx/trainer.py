@@ -353,18 +353,15 @@ def tokenize_data(cfg: TrainConfig, tokenizer, rank: int):
         raise ConfigError("data.train: no training file configured")
     rows = sft_data.load_rows(cfg.data.train)
     world = dist.get_world_size() if dist.is_initialized() else 1
+    options = dict(max_seq_len=cfg.data.max_seq_len, overflow=cfg.data.overflow,
+                   train_on_inputs=cfg.data.train_on_inputs, progress=rank == 0)
     if world == 1:
-        return sft_data.tokenize_rows(
-            tokenizer, rows, max_seq_len=cfg.data.max_seq_len, overflow=cfg.data.overflow,
-            train_on_inputs=cfg.data.train_on_inputs, progress=rank == 0,
-        )
+        return sft_data.tokenize_rows(tokenizer, rows, **options)
     # Each rank tokenizes every world-th row, then all gather: every rank ends with the same examples in row order
     # (tokenize_row is deterministic), in 1/world of the time. An error on any rank is raised on all of them.
     mine, error = None, None
     try:
-        mine, _ = sft_data.tokenize_rows(tokenizer, rows[rank::world], max_seq_len=cfg.data.max_seq_len,
-                                         overflow=cfg.data.overflow, train_on_inputs=cfg.data.train_on_inputs,
-                                         progress=rank == 0, keep_dropped=True)
+        mine, _ = sft_data.tokenize_rows(tokenizer, rows[rank::world], keep_dropped=True, **options)
     except Exception as e:  # noqa: BLE001 - re-raised below on every rank
         error = f"rank {rank}: {type(e).__name__}: {e}"
     gathered = [None] * world
