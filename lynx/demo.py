@@ -15,10 +15,12 @@
 Every step is the real command-line tool a user would run on GPUs; the demo only chains them.
 
 The config may have a `demo:` section with defaults for the demo's own options (max_passage_chars, vocab_size,
-train_target, judge_mode, train_fail_variants; the command-line flags override it); train.py gets the config
-without that section.
+train_target, reasoning_style, judge_mode, train_fail_variants; the command-line flags override it); train.py gets
+the config without that section.
 train_target "verdict" replaces each training row's reasoning with the empty one that the fast judge mode forces
 (`{"REASONING": [], "SCORE": "PASS"}`); "both" trains on every row twice, with its reasoning and without.
+reasoning_style "word_checks" replaces the builder's reasoning with one yes/no lookup per answer word
+(lynx.data.reasoning.word_checks).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -37,6 +38,8 @@ import yaml
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from lynx.data import reasoning
+from lynx.data.text import answer_words
 from lynx.judge import FAST_PREFIX
 from lynx.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, Tokenizer
 
@@ -73,6 +76,7 @@ def chat_texts(path: Path):
 # --- training rows --------------------------------------------------------------------------------------------------
 
 TRAIN_TARGETS = ("reasoning", "verdict", "both")
+REASONING_STYLES = ("explain", "word_checks")
 
 
 def verdict_only(row: dict) -> dict:
@@ -82,18 +86,39 @@ def verdict_only(row: dict) -> dict:
     return {**row, "messages": row["messages"][:-1] + [verdict]}
 
 
-def write_training_rows(chat_train: Path, target: str, out: Path) -> Path:
-    """The training file for `target`: the builder's rows (reasoning), their verdict-only form, or both (each row
-    with its reasoning, then the same rows verdict-only; the trainer packs and shuffles them)."""
+def with_word_checks(row: dict, answer: str, passage: str) -> dict:
+    """The row with its reasoning replaced by lynx.data.reasoning.word_checks: one lookup per answer word."""
+    checks = {"role": "assistant", "content": reasoning.target(reasoning.word_checks(answer, passage), row["label"])}
+    return {**row, "messages": row["messages"][:-1] + [checks]}
+
+
+def rows_with_word_checks(chat_train: Path) -> list[dict]:
+    """The builder's training rows with word-check reasoning; answer and passage come from the builder's halubench
+    file beside `chat_train` (same ids)."""
+    rows = read_jsonl(chat_train)
+    halubench = chat_train.with_name(chat_train.name.replace("chat_", "halubench_", 1))
+    shown = {r["id"]: r for r in read_jsonl(halubench)}
+    missing = [r["id"] for r in rows if r["id"] not in shown]
+    if missing:
+        raise ValueError(f"{halubench}: no row for id {missing[0]!r} of {chat_train} ({len(missing)} missing)")
+    return [with_word_checks(row, shown[row["id"]]["answer"], shown[row["id"]]["passage"]) for row in rows]
+
+
+def write_training_rows(chat_train: Path, target: str, out: Path, reasoning_style: str = "explain") -> Path:
+    """The training file for `target`: the rows with their reasoning, their verdict-only form, or both (each row
+    with its reasoning, then the same rows verdict-only; the trainer packs and shuffles them). The reasoning is the
+    builder's ("explain": it quotes the evidence and names the change) or "word_checks"."""
     if target not in TRAIN_TARGETS:
         raise ValueError(f"train_target must be one of {TRAIN_TARGETS}, got {target!r}")
-    if target == "reasoning":
+    if reasoning_style not in REASONING_STYLES:
+        raise ValueError(f"reasoning_style must be one of {REASONING_STYLES}, got {reasoning_style!r}")
+    if target == "reasoning" and reasoning_style == "explain":
         return chat_train
-    rows = read_jsonl(chat_train)
+    rows = read_jsonl(chat_train) if reasoning_style == "explain" else rows_with_word_checks(chat_train)
     with open(out, "w") as f:
-        for row in (rows if target == "both" else []):
+        for row in (rows if target in ("reasoning", "both") else []):
             f.write(json.dumps(row) + "\n")
-        for row in rows:
+        for row in (rows if target in ("verdict", "both") else []):
             f.write(json.dumps(verdict_only(row)) + "\n")
     return out
 
@@ -101,7 +126,7 @@ def write_training_rows(chat_train: Path, target: str, out: Path) -> Path:
 # --- the demo's options in the config -------------------------------------------------------------------------------
 
 DEMO_DEFAULTS = {"max_passage_chars": 600, "vocab_size": 4096, "train_target": "reasoning", "judge_mode": "fast",
-                 "train_fail_variants": 1}
+                 "train_fail_variants": 1, "reasoning_style": "explain"}
 
 
 def split_demo_config(path: Path) -> tuple[dict, dict]:
@@ -120,15 +145,12 @@ def split_demo_config(path: Path) -> tuple[dict, dict]:
 
 # --- lexical-overlap and majority baselines -------------------------------------------------------------------------
 
-WORD = re.compile(r"\w+")
-
-
 def unsupported_fraction(answer: str, passage: str) -> float:
     """Share of the answer's words that never occur in the passage (case-insensitive)."""
-    words = [w.lower() for w in WORD.findall(answer)]
+    words = answer_words(answer)
     if not words:
         return 0.0
-    passage_words = {w.lower() for w in WORD.findall(passage)}
+    passage_words = set(answer_words(passage))
     return sum(w not in passage_words for w in words) / len(words)
 
 
@@ -220,6 +242,9 @@ def main(argv=None) -> int:
     p.add_argument("--train-target", choices=TRAIN_TARGETS,
                    help="assistant turns to train on: the reasoning and verdict (default), the verdict after an "
                         "empty reasoning, or both")
+    p.add_argument("--reasoning-style", choices=REASONING_STYLES,
+                   help="reasoning to train on: the builder's (explain, default) or one yes/no lookup per answer word "
+                        "(word_checks)")
     p.add_argument("--judge-mode", choices=["fast", "full"],
                    help="fast (default): p_pass after a forced score prefix; full: generate the reasoning (slower)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides, as for train.py")
@@ -231,8 +256,10 @@ def main(argv=None) -> int:
     for key, default in DEMO_DEFAULTS.items():  # command line > the config's demo section > default
         if getattr(args, key) is None:
             setattr(args, key, demo.get(key, default))
-    if args.train_target not in TRAIN_TARGETS or args.judge_mode not in ("fast", "full"):
-        raise SystemExit(f"demo: {args.config}: train_target must be one of {TRAIN_TARGETS}, judge_mode fast or full")
+    if args.train_target not in TRAIN_TARGETS or args.judge_mode not in ("fast", "full") or \
+            args.reasoning_style not in REASONING_STYLES:
+        raise SystemExit(f"demo: {args.config}: train_target must be one of {TRAIN_TARGETS}, reasoning_style one of "
+                         f"{REASONING_STYLES}, judge_mode fast or full")
     if not isinstance(args.train_fail_variants, int) or args.train_fail_variants < 1:
         raise SystemExit(f"demo: {args.config}: train_fail_variants must be an integer >= 1")
     out.mkdir(parents=True, exist_ok=True)
@@ -248,7 +275,8 @@ def main(argv=None) -> int:
     tokenizer = train_bpe_tokenizer(chat_texts(data / "chat_train.jsonl"), args.vocab_size)
     tokenizer.save_pretrained(tok_dir)
 
-    train_rows = write_training_rows(data / "chat_train.jsonl", args.train_target, out / f"train_{args.train_target}.jsonl")
+    train_rows = out / f"train_{args.train_target}_{args.reasoning_style}.jsonl"
+    train_rows = write_training_rows(data / "chat_train.jsonl", args.train_target, train_rows, args.reasoning_style)
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
          "train.py", "--config", str(config_path), f"run_dir={train_dir}",
          f"data.train={train_rows}", f"model.tokenizer={tok_dir}",

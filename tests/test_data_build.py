@@ -12,6 +12,7 @@ import pytest
 
 from lynx.data.__main__ import main
 from lynx.data.build import SPLITS, build, window_passage
+from lynx.data.reasoning import word_checks
 from lynx.data.text import normalize
 from lynx.prompt import format_prompt
 
@@ -196,3 +197,15 @@ def test_train_fail_variants_add_training_pairs_only(tmp_path):
     assert stats["train_fail_variants"] == 3
     with pytest.raises(ValueError, match="train_fail_variants"):
         build(tmp_path / "zero", train_fail_variants=0, **kwargs)
+
+
+def test_word_checks_look_up_each_answer_word_like_the_lexical_rule():
+    passage = "In 2019, 120 patients were enrolled in Boston; none of them (0%) were smokers."
+    assert word_checks("140 patients in boston, and the 140 were Smokers-free", passage) == [
+        "Answer words found in the DOCUMENT: 140 no, patients yes, boston yes, Smokers yes, free no."]
+    # stopwords and repeats are not checked; an answer of stopwords only has nothing to check
+    assert word_checks("no", passage) == ["Answer words found in the DOCUMENT: none to check."]
+    # "patients" is not in "patient": whole words only
+    assert word_checks("patient", passage) == ["Answer words found in the DOCUMENT: patient no."]
+    many = " ".join(f"w{i}" for i in range(30))
+    assert word_checks(many, passage, max_words=3) == ["Answer words found in the DOCUMENT: w0 no, w1 no, w2 no."]

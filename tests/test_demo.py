@@ -97,6 +97,27 @@ def test_verdict_only_rows_are_the_completion_the_fast_judge_scores(tmp_path):
         write_training_rows(train, "answers", tmp_path / "x.jsonl")
 
 
+def test_word_check_rows_take_answer_and_passage_from_the_halubench_file(tmp_path):
+    train, shown = tmp_path / "chat_train.jsonl", tmp_path / "halubench_train.jsonl"
+    train.write_text("".join(json.dumps(chat_row(lab)) + "\n" for lab in ("PASS", "FAIL")))
+    shown.write_text("".join(json.dumps({"id": f"x-{lab}", "answer": answer, "passage": "Paris is in France."}) + "\n"
+                             for lab, answer in (("FAIL", "Lyon, France"), ("PASS", "Paris"))))  # other order
+    rows = load_rows(write_training_rows(train, "reasoning", tmp_path / "w.jsonl", "word_checks"))
+    assert [r["id"] for r in rows] == ["x-PASS", "x-FAIL"]
+    assert rows[0]["messages"][0] == chat_row("PASS")["messages"][0]
+    assert [json.loads(r["messages"][-1]["content"]) for r in rows] == [
+        {"REASONING": ["Answer words found in the DOCUMENT: Paris yes."], "SCORE": "PASS"},
+        {"REASONING": ["Answer words found in the DOCUMENT: Lyon no, France yes."], "SCORE": "FAIL"}]
+    both = load_rows(write_training_rows(train, "both", tmp_path / "wb.jsonl", "word_checks"))
+    assert both[:2] == rows and [r["messages"][-1]["content"] for r in both[2:]] == [
+        FAST_PREFIX + 'PASS"}', FAST_PREFIX + 'FAIL"}']
+    shown.write_text(json.dumps({"id": "x-PASS", "answer": "Paris", "passage": "Paris is in France."}) + "\n")
+    with pytest.raises(ValueError, match="halubench_train.jsonl: no row for id 'x-FAIL'"):
+        write_training_rows(train, "reasoning", tmp_path / "w.jsonl", "word_checks")
+    with pytest.raises(ValueError, match="reasoning_style"):
+        write_training_rows(train, "reasoning", tmp_path / "w.jsonl", "quotes")
+
+
 def test_demo_section_of_the_config_is_split_off_and_checked(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("demo:\n  vocab_size: 2048\n  train_target: both\nmax_steps: 3\nmodel:\n  init_std: 0.02\n")
@@ -114,7 +135,8 @@ def test_demo_section_of_the_config_is_split_off_and_checked(tmp_path):
 
 def test_bad_demo_option_values_stop_before_any_work(tmp_path):
     config = tmp_path / "c.yaml"
-    for bad in ("train_fail_variants: 0", "train_fail_variants: two", "train_target: answers"):
+    for bad in ("train_fail_variants: 0", "train_fail_variants: two", "train_target: answers",
+                "reasoning_style: quotes"):
         config.write_text(f"demo:\n  {bad}\nmax_steps: 3\n")
         key = bad.split(":")[0]
         with pytest.raises(SystemExit, match=key):

@@ -31,6 +31,11 @@ def words(text: str) -> list[str]:
     return re.findall(r"[\w%$.'-]+", normalize(text))
 
 
+def answer_words(text: str) -> list[str]:
+    """The words the lexical-overlap check compares: runs of word characters, lowercased (stopwords included)."""
+    return [w.lower() for w in re.findall(r"\w+", text)]
+
+
 def content_words(text: str) -> set[str]:
     return {w for w in words(text) if w not in STOPWORDS and len(w) > 1 or any(c.isdigit() for c in w)}
 
