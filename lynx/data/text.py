@@ -31,9 +31,12 @@ def words(text: str) -> list[str]:
     return re.findall(r"[\w%$.'-]+", normalize(text))
 
 
+WORD_RUN = re.compile(r"\w+")
+
+
 def answer_words(text: str) -> list[str]:
     """The words the lexical-overlap check compares: runs of word characters, lowercased (stopwords included)."""
-    return [w.lower() for w in re.findall(r"\w+", text)]
+    return [w.lower() for w in WORD_RUN.findall(text)]
 
 
 def content_words(text: str) -> set[str]:
