@@ -79,17 +79,20 @@ TRAIN_TARGETS = ("reasoning", "verdict", "both")
 REASONING_STYLES = ("explain", "word_checks")
 
 
+def with_reply(row: dict, content: str) -> dict:
+    """The row with its last (assistant) turn replaced by `content`."""
+    return {**row, "messages": row["messages"][:-1] + [{"role": "assistant", "content": content}]}
+
+
 def verdict_only(row: dict) -> dict:
     """The row with its assistant turn replaced by the verdict after an empty reasoning: exactly the completion the
     fast judge mode scores (judge.FAST_PREFIX, then the label)."""
-    verdict = {"role": "assistant", "content": f'{FAST_PREFIX}{row["label"]}"}}'}
-    return {**row, "messages": row["messages"][:-1] + [verdict]}
+    return with_reply(row, f'{FAST_PREFIX}{row["label"]}"}}')
 
 
 def with_word_checks(row: dict, answer: str, passage: str) -> dict:
     """The row with its reasoning replaced by lynx.data.reasoning.word_checks: one lookup per answer word."""
-    checks = {"role": "assistant", "content": reasoning.target(reasoning.word_checks(answer, passage), row["label"])}
-    return {**row, "messages": row["messages"][:-1] + [checks]}
+    return with_reply(row, reasoning.target(reasoning.word_checks(answer, passage), row["label"]))
 
 
 def rows_with_word_checks(chat_train: Path) -> list[dict]:
@@ -229,7 +232,8 @@ def comparison_table(reports: dict[str, dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lynx.demo", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "demo", help="output folder (default runs/demo)")
     p.add_argument("--config", type=Path, default=REPO / "configs" / "demo-cpu.yaml", help="training config")
     p.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
