@@ -169,6 +169,29 @@ class ScoreTokens:
         return float(torch.sigmoid(lp - lf))
 
 
+def fast_score_tokens(tokenizer: Tokenizer) -> tuple[list[int], tuple[list[int], list[int]]]:
+    """Fast mode's forced prefix ids and the PASS / FAIL token ids read right after it.
+
+    The completion `{"REASONING": [], "SCORE": "PASS"}` is tokenized whole in training, so the prefix is the longest
+    run of tokens the PASS and FAIL completions share (a tokenizer may merge the quote into the word), and the score
+    is read at the first token where they differ, whatever the tokenizer splits the words into (SmolLM2: P|ASS and
+    FAIL). Other spellings (Pass, pass, ...) count when they share that prefix."""
+    encoded = {(word, pass_word): tokenizer.encode(FAST_PREFIX + word + '"}', allow_special=False)
+               for p_word, f_word in _SPELLINGS for word, pass_word in ((p_word, True), (f_word, False))}
+    first_pass, first_fail = encoded[("PASS", True)], encoded[("FAIL", False)]
+    n = 0
+    while n < min(len(first_pass), len(first_fail)) and first_pass[n] == first_fail[n]:
+        n += 1
+    prefix = first_pass[:n]
+    pass_ids, fail_ids = set(), set()
+    for (word, is_pass), ids in encoded.items():
+        if ids[:n] == prefix and len(ids) > n:
+            (pass_ids if is_pass else fail_ids).add(ids[n])
+    if pass_ids & fail_ids:
+        raise ValueError("tokenizer: PASS and FAIL spellings share their first distinguishing token")
+    return prefix, (sorted(pass_ids), sorted(fail_ids))
+
+
 def score_step(tokenizer: Tokenizer, tokens: list[int]) -> tuple[int, str] | None:
     """Where a completion generated its score word: (index of the token holding the word's first character, the
     text that token holds before the word). None when no PASS/FAIL score is found."""
@@ -206,12 +229,12 @@ class Verdict:
 
 
 def resolve_model_dir(name: str | Path) -> Path:
-    """A local directory, or a Hugging Face hub id (`org/name`) already in the local hub cache."""
+    """A local directory, a GGUF file, or a Hugging Face hub id (`org/name`) already in the local hub cache."""
     path = Path(name).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
         return path
     if path.exists():
-        raise NotADirectoryError(f"--model must be a checkpoint directory, got a file: {path}")
+        raise NotADirectoryError(f"--model must be a checkpoint directory or a .gguf file, got: {path}")
     looks_like_hub_id = re.fullmatch(r"[\w.\-]+/[\w.\-]+", str(name)) is not None
     if not looks_like_hub_id:
         raise FileNotFoundError(f"model directory not found: {path}")
@@ -232,8 +255,9 @@ def resolve_model_dir(name: str | Path) -> Path:
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer:
-    """The checkpoint's own tokenizer (tokenizer.json / tokenizer.model), else the shipped Llama-3 tokenizer."""
-    if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer.model").is_file():
+    """The checkpoint's own tokenizer (tokenizer.json / tokenizer.model / GGUF metadata), else the shipped Llama-3
+    tokenizer."""
+    if model_dir.suffix == ".gguf" or (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer.model").is_file():
         return Tokenizer.from_pretrained(model_dir)
     return Tokenizer.llama3()
 
@@ -280,7 +304,7 @@ class Judge:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.long_inputs = long_inputs
-        self.fast_prefix_ids = self.tokenizer.encode(FAST_PREFIX, allow_special=False)
+        self.fast_prefix_ids, self.fast_score_ids = fast_score_tokens(self.tokenizer)
         context = self.model.config.max_position_embeddings
         limit = context - max(max_new_tokens, len(self.fast_prefix_ids) + 1)
         self.max_input_tokens = min(max_input_tokens, limit) if max_input_tokens else limit
@@ -348,7 +372,7 @@ class Judge:
     def _judge_full(self, prompts: list[list[int]]) -> list[Verdict]:
         result = run_generation(
             self.model, prompts, max_new_tokens=self.max_new_tokens, stop_ids=self.tokenizer.stop_ids,
-            pad_id=self.tokenizer.stop_ids[0], watch_ids=self.score_tokens.watch_ids,
+            pad_id=self.tokenizer.pad_id, watch_ids=self.score_tokens.watch_ids,
         )
         verdicts = []
         for tokens, watched in zip(result.tokens, result.watched_logits):
@@ -364,13 +388,16 @@ class Judge:
 
     def _judge_fast(self, prompts: list[list[int]]) -> list[Verdict]:
         # One step of generation = one forward pass over the prompt and the forced prefix.
-        result = run_generation(
-            self.model, prompts, max_new_tokens=1, pad_id=self.tokenizer.stop_ids[0],
-            watch_ids=self.score_tokens.watch_ids,
-        )
+        pass_ids, fail_ids = self.fast_score_ids
+        watch = sorted(set(pass_ids) | set(fail_ids))
+        result = run_generation(self.model, prompts, max_new_tokens=1, pad_id=self.tokenizer.pad_id, watch_ids=watch)
+        column = {tok: j for j, tok in enumerate(watch)}
         verdicts = []
         for watched in result.watched_logits:
-            p_pass = self.score_tokens.p_pass(watched[0], "")
+            logits = watched[0].double()
+            lp = torch.logsumexp(logits[[column[i] for i in pass_ids]], 0)
+            lf = torch.logsumexp(logits[[column[i] for i in fail_ids]], 0)
+            p_pass = float(torch.sigmoid(lp - lf))
             score = "PASS" if p_pass >= 0.5 else "FAIL"
             verdicts.append(Verdict(score, [], p_pass, f'{FAST_PREFIX}{score}"}}'))
         return verdicts

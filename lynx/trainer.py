@@ -47,6 +47,9 @@ class ModelConfig:
     init_from: str | None = None  # a Hugging Face Llama checkpoint directory to fine-tune
     config: dict | None = None  # or LlamaConfig fields (HF config.json names) for a randomly initialised model
     tokenizer: str | None = None  # tokenizer directory (tokenizer.json or tokenizer.model); default: init_from
+    # Fine-tune only the top N blocks and the output head (final norm; lm_head unless tied to the embedding); the
+    # embedding and the blocks below stay frozen, so backward stops at block L - N. None: train everything.
+    train_layers: int | None = None
     init_std: float = 0.02  # random init only
 
 
@@ -95,6 +98,13 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    data: str | None = None  # JSONL: chat rows (validation loss) or HaluBench rows (loss, fast-mode accuracy, AUROC)
+    every_steps: int = 0  # evaluate every N optimizer steps and at the end (0: only at the end, when data is set)
+    max_rows: int | None = None  # the first N rows of eval.data
+
+
+@dataclass
 class LogConfig:
     wandb_project: str | None = None  # log to Weights & Biases (must be installed) when set
     wandb_run_name: str | None = None
@@ -114,6 +124,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -240,6 +251,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 def validate(cfg: TrainConfig) -> None:
     if (cfg.model.init_from is None) == (cfg.model.config is None):
         raise ConfigError("set exactly one of model.init_from (a HF checkpoint dir) and model.config (random init)")
+    if cfg.model.train_layers is not None and cfg.model.train_layers < 0:
+        raise ConfigError("model.train_layers must be >= 0 (or null: train every layer)")
     if cfg.data.overflow not in ("truncate_document", "drop"):
         raise ConfigError(f"data.overflow: {cfg.data.overflow!r} (choose truncate_document or drop)")
     if cfg.optim.name not in ("lionw", "adamw"):
@@ -251,6 +264,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("max_steps must be >= 1 (or null: run `epochs` over the data)")
     if cfg.data.micro_batch_size < 1 or cfg.data.max_seq_len < 2:
         raise ConfigError("data.micro_batch_size must be >= 1 and data.max_seq_len >= 2")
+    if cfg.eval.every_steps < 0 or (cfg.eval.max_rows is not None and cfg.eval.max_rows < 1):
+        raise ConfigError("eval.every_steps must be >= 0 and eval.max_rows >= 1 (or null)")
+    if cfg.eval.every_steps and cfg.eval.data is None:
+        raise ConfigError("eval.every_steps is set but eval.data is not")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last must be >= 1")
     if cfg.optim.max_skipped_steps < 1:
@@ -335,6 +352,20 @@ def build_model(cfg: TrainConfig, mesh, device: torch.device):
     else:
         parallel.init_random_sharded(model, seed=cfg.seed, std=cfg.model.init_std)
     return model
+
+
+def freeze_lower_layers(model, train_layers: int | None) -> list[torch.nn.Parameter]:
+    """Freeze the embedding and every block below the top `train_layers` (None: freeze nothing); returns the
+    parameters left to train. A tied lm_head is the embedding, so it freezes with it."""
+    if train_layers is None:
+        return [p for p in model.parameters() if p.requires_grad]
+    n = len(model.layers)
+    if train_layers > n:
+        raise ConfigError(f"model.train_layers={train_layers} but the model has only {n} blocks")
+    frozen = [model.embed_tokens, *model.layers[: n - train_layers]]
+    for module in frozen:
+        module.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def load_tokenizer(cfg: TrainConfig):
@@ -500,15 +531,17 @@ def gpu_peak_flops(cfg: TrainConfig, device) -> float | None:
     return None
 
 
-def step_flops(model_cfg: LlamaConfig, n_params: int, micro_batches: list[dict]) -> float:
-    """Model FLOPs of forward + backward on these micro-batches: 6 per parameter per token, plus causal attention
+def step_flops(model_cfg: LlamaConfig, n_params: int, micro_batches: list[dict], n_trained: int | None = None) -> float:
+    """Model FLOPs of forward + backward on these micro-batches: 2 per parameter per token forward and 4 per trained
+    parameter backward (6 per parameter when all train; frozen lower layers run forward only), plus causal attention
     over each segment of cu_seqlens (QK^T and AV: 2 matmuls x 2 FLOPs x head_dim x heads, halved by causality, x3
     for forward + backward; a row's padding is a segment too, so padded batches slightly overstate it)."""
+    n_trained = n_params if n_trained is None else n_trained
     flops = 0.0
     width = model_cfg.num_attention_heads * model_cfg.head_dim
     for b in micro_batches:
         lengths = (b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).double()
-        flops += 6 * n_params * b["num_tokens"] + 6 * model_cfg.num_hidden_layers * width * float((lengths**2).sum())
+        flops += (2 * n_params + 4 * n_trained) * b["num_tokens"] + 6 * model_cfg.num_hidden_layers * width * float((lengths**2).sum())
     return flops
 
 
@@ -557,10 +590,12 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def train_step(model, optimizer, micro_batches: list[dict], device, clip: float) -> tuple[float, float, int, int]:
+def train_step(model, optimizer, micro_batches: list[dict], device, clip: float,
+               params=None) -> tuple[float, float, int, int]:
     """One optimizer step on this rank's micro-batches (steps 2-4 of the module docstring); the optimizer's lr must
     already be set. Returns (mean loss, gradient norm, target tokens, tokens), the last two over all ranks. A
-    non-finite loss or norm skips the update (the caller counts it). Also what benchmarks/bench_train_step.py runs."""
+    non-finite loss or norm skips the update (the caller counts it). Also what benchmarks/bench_train_step.py runs.
+    params: the trained parameters, whose gradient norm is clipped (default: all of the model's)."""
     local = [sum(b["num_target_tokens"] for b in micro_batches), sum(b["num_tokens"] for b in micro_batches)]
     n_target, n_tokens = all_reduce_sum(local, device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -575,7 +610,8 @@ def train_step(model, optimizer, micro_batches: list[dict], device, clip: float)
         loss_sum += loss.detach().double()
     dist.all_reduce(loss_sum)
     mean_loss = (loss_sum / max(n_target, 1)).item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    params = model.parameters() if params is None else params
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
     grad_norm = grad_norm.item()
@@ -626,7 +662,7 @@ def _train(cfg: TrainConfig, examples, device, sft_data) -> dict:
         examples, stats = tokenize_data(cfg, tokenizer, rank)
         if rank == 0:
             print(f"data: {cfg.data.train}: {stats} (overflow policy: {cfg.data.overflow})", flush=True)
-    pad_id = tokenizer.eot_id if tokenizer is not None else 0
+    pad_id = tokenizer.pad_id if tokenizer is not None else 0
     if not cfg.data.pack:
         # One example per sequence, so a global batch is global_batch_size examples (the recipe's meaning).
         examples = [sft_data.pack([e], cfg.data.max_seq_len)[0] for e in examples]
@@ -642,8 +678,10 @@ def _train(cfg: TrainConfig, examples, device, sft_data) -> dict:
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
     n_params = sum(p.numel() for p in model.parameters())
+    trainable = freeze_lower_layers(model, cfg.model.train_layers)
+    n_trainable = sum(p.numel() for p in trainable)
     o = cfg.optim
-    optimizer = build_optimizer(model.parameters(), o.name, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
+    optimizer = build_optimizer(trainable, o.name, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
                                 eps=o.eps)
 
     # Resume from the newest complete checkpoint, if any (rank 0 decides so every rank loads the same one).
@@ -662,10 +700,21 @@ def _train(cfg: TrainConfig, examples, device, sft_data) -> dict:
             print(f"resumed from {found[0][0]} at step {step}", flush=True)
 
     stop_at = min(total_steps, cfg.stop_after_step or total_steps)
+    evaluator = None
+    if cfg.eval.data is not None:
+        from lynx.validation import Evaluator
+
+        if tokenizer is None:
+            raise ConfigError("eval.data needs a tokenizer (model.tokenizer or model.init_from)")
+        evaluator = Evaluator(cfg.eval.data, tokenizer, max_seq_len=cfg.data.max_seq_len,
+                              max_rows=cfg.eval.max_rows, rank=rank, world=world)
+        if rank == 0:
+            print(f"eval: {cfg.eval.data}: {evaluator.rows} {evaluator.kind} rows, every "
+                  f"{cfg.eval.every_steps or 'final'} step(s)", flush=True)
     log = MetricsLog(cfg, run_dir, step, enabled=rank == 0)
     if rank == 0:
         print(
-            f"model: {n_params / 1e6:.1f}M parameters | world {world} x micro-batch {cfg.data.micro_batch_size} x "
+            f"model: {n_params / 1e6:.1f}M parameters ({n_trainable / 1e6:.1f}M trained) | world {world} x micro-batch {cfg.data.micro_batch_size} x "
             f"accumulation {grad_accum} = {cfg.global_batch_size} sequences of {cfg.data.max_seq_len} per step | "
             f"{loader.steps_per_epoch} steps/epoch, {total_steps} steps in all",
             flush=True,
@@ -682,7 +731,7 @@ def _train(cfg: TrainConfig, examples, device, sft_data) -> dict:
         t0 = time.perf_counter()
         micro_batches = loader.next_step()
         lr = set_lr(optimizer, step, warmup_steps=o.warmup_steps, total_steps=total_steps, alpha_f=o.alpha_f)
-        mean_loss, grad_norm, n_target, n_tokens = train_step(model, optimizer, micro_batches, device, clip)
+        mean_loss, grad_norm, n_target, n_tokens = train_step(model, optimizer, micro_batches, device, clip, trainable)
         finite = math.isfinite(mean_loss) and math.isfinite(grad_norm)
         if not finite:
             skipped += 1
@@ -692,8 +741,14 @@ def _train(cfg: TrainConfig, examples, device, sft_data) -> dict:
         record = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(n_tokens),
                   "target_tokens": int(n_target), "tokens_per_s": n_tokens / dt, "step_time_s": dt,
                   "peak_memory_gib": peak_memory_gib(device), "skipped": not finite, "skipped_total": skipped}
+        if evaluator is not None and ((cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == stop_at):
+            record.update(evaluator.run(model, device))
+            if rank == 0:
+                shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in record.items()
+                                  if k.startswith("eval_") and isinstance(v, float))
+                tqdm.write(f"step {step}: eval {shown}")
         if peak_flops:
-            flops = all_reduce_sum([step_flops(model.config, n_params, micro_batches)], device)[0]
+            flops = all_reduce_sum([step_flops(model.config, n_params, micro_batches, n_trainable)], device)[0]
             record["mfu"] = flops / (dt * world * peak_flops)
         log.write(record)
         if finite:

@@ -1,0 +1,126 @@
+"""Evaluation during training (LLM Foundry's eval loop): validation loss, and for judge data fast-mode accuracy and
+AUROC, every `eval.every_steps` optimizer steps, written into metrics.jsonl.
+
+Two kinds of rows, told apart by their keys:
+- chat rows (`messages`, or `prompt` + `response`): `eval_loss`, the mean next-token loss on the assistant turns;
+- HaluBench-schema rows (`passage`, `question`, `answer`, `label`): the judge prompt plus the forced fast-mode
+  prefix `{"REASONING": [], "SCORE": "`, one forward pass each; `eval_accuracy` (p_pass >= 0.5), `eval_auroc`, and
+  `eval_loss`, the cross-entropy of the label under p_pass (what the verdict-only fine-tuning minimises at the score
+  token, renormalised over PASS and FAIL).
+
+Rows are split across ranks; every rank runs the same number of forward passes (FSDP2's collectives pair them up),
+padding its share with a repeat of its last row whose result is dropped. One example per forward pass (no padding,
+plain causal attention), `last_logits_only` for the judge rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lynx import sft_data
+from lynx.evaluate import auroc, normalize_label
+from lynx.prompt import judge_messages
+
+JUDGE_KEYS = ("passage", "question", "answer", "label")
+
+
+def load_eval_rows(path: str, max_rows: int | None) -> tuple[str, list[dict]]:
+    """("judge", HaluBench rows) or ("chat", chat rows) from a JSONL file, the first max_rows of it."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.data: file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        first = next((json.loads(line) for line in f if line.strip()), None)
+    if first is None:
+        raise ValueError(f"eval.data: {path} has no rows")
+    if isinstance(first, dict) and all(k in first for k in JUDGE_KEYS):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                missing = [k for k in JUDGE_KEYS if k not in row]
+                if missing:
+                    raise ValueError(f"eval.data: {path}:{lineno}: HaluBench row lacks {missing}")
+                row["label"] = normalize_label(row["label"])
+                rows.append(row)
+        return "judge", rows[:max_rows] if max_rows else rows
+    rows = sft_data.load_rows(path)
+    return "chat", rows[:max_rows] if max_rows else rows
+
+
+class Evaluator:
+    """Prepared once (tokenized on every rank: the same rows, the same ids), run at every eval step."""
+
+    def __init__(self, path: str, tokenizer, *, max_seq_len: int, max_rows: int | None, rank: int, world: int):
+        from lynx.judge import fast_score_tokens
+
+        self.kind, rows = load_eval_rows(path, max_rows)
+        self.rank, self.world = rank, world
+        self.examples = []  # (input_ids, labels or None, label "PASS"/"FAIL" or None)
+        if self.kind == "judge":
+            prefix, (self.pass_ids, self.fail_ids) = fast_score_tokens(tokenizer)
+            room = max_seq_len - len(prefix)
+            for row in rows:
+                messages = judge_messages(row["question"], row["passage"], row["answer"])
+                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                if len(ids) > room:
+                    header = len(ids) - len(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
+                    cut = sft_data.truncate_document(tokenizer, messages, room - header)
+                    if cut is None:
+                        continue
+                    ids = tokenizer.apply_chat_template(cut, add_generation_prompt=True)
+                self.examples.append((ids + prefix, None, row["label"]))
+        else:
+            for row in rows:
+                ex = sft_data.tokenize_row(tokenizer, row, max_seq_len=max_seq_len)
+                if ex is not None:
+                    self.examples.append((ex.input_ids, ex.labels, None))
+        if not self.examples:
+            raise ValueError(f"eval.data: no row of {path} fits data.max_seq_len={max_seq_len}")
+        self.rows = len(self.examples)
+
+    @torch.no_grad()
+    def run(self, model, device) -> dict:
+        was_training = model.training
+        model.eval()
+        mine = list(range(self.rank, len(self.examples), self.world))
+        per_rank = math.ceil(len(self.examples) / self.world)
+        results = []  # (example index, loss sum, target tokens, p_pass)
+        for j in range(per_rank):
+            i = mine[min(j, len(mine) - 1)] if mine else 0
+            ids, labels, label = self.examples[i]
+            input_ids = torch.tensor([ids], device=device)
+            if label is None:
+                loss = model(input_ids, torch.tensor([labels], device=device), reduction="sum")
+                n = sum(1 for x in labels[1:] if x != sft_data.IGNORE_INDEX)
+                result = (i, float(loss), n, None)
+            else:
+                logits = model(input_ids, last_logits_only=True)[0, -1].double()
+                lp = torch.logsumexp(logits[self.pass_ids], 0)
+                lf = torch.logsumexp(logits[self.fail_ids], 0)
+                result = (i, 0.0, 0, float(torch.sigmoid(lp - lf)))
+            if j < len(mine):
+                results.append(result)
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, results)
+        if was_training:
+            model.train()
+        results = sorted(r for part in gathered for r in part)
+        if self.kind == "chat":
+            loss_sum, tokens = sum(r[1] for r in results), sum(r[2] for r in results)
+            return {"eval_loss": loss_sum / max(tokens, 1), "eval_rows": len(results)}
+        is_pass = np.array([self.examples[r[0]][2] == "PASS" for r in results])
+        p_pass = np.array([r[3] for r in results])
+        eps = 1e-12
+        nll = -np.where(is_pass, np.log(p_pass + eps), np.log(1 - p_pass + eps))
+        return {"eval_loss": float(nll.mean()), "eval_accuracy": float(((p_pass >= 0.5) == is_pass).mean()),
+                "eval_auroc": auroc(is_pass, p_pass), "eval_rows": len(results)}
