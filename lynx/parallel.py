@@ -119,6 +119,27 @@ def load_hf_into_sharded(model: torch.nn.Module, path: str | Path) -> None:
 
 
 @torch.no_grad()
+def load_gguf_into_sharded(model: torch.nn.Module, path: str | Path) -> None:
+    """Fill the sharded parameters of `model` from a GGUF file: every rank dequantizes the whole file (lynx.gguf, in
+    fp32) and keeps its rows. Fine for the small models a GGUF is fine-tuned from here; convert a large one once
+    with `python -m lynx.convert gguf` and train from the folder, which each rank reads only its rows of."""
+    from lynx.gguf import load_gguf
+
+    full = load_gguf(_unwrapped_class(model), path, dtype=torch.float32)
+    full_state = full.state_dict()
+    for name, t in model.state_dict().items():
+        local = _local(t)
+        if local.numel():
+            local.copy_(full_state[name][local_slices(t)])
+
+
+def _unwrapped_class(model: torch.nn.Module) -> type:
+    """The model's own class (FSDP2 swaps in a subclass named FSDP<Class>)."""
+    cls = type(model)
+    return next(c for c in cls.__mro__ if not c.__name__.startswith("FSDP") and issubclass(c, torch.nn.Module))
+
+
+@torch.no_grad()
 def init_random_sharded(model: torch.nn.Module, *, seed: int, std: float = 0.02) -> None:
     """Random init (norm gains 1, other weights N(0, std)) that does not depend on how the model is sharded.
 

@@ -44,7 +44,7 @@ from lynx.optim import build_optimizer, set_lr
 
 @dataclass
 class ModelConfig:
-    init_from: str | None = None  # a Hugging Face Llama checkpoint directory to fine-tune
+    init_from: str | None = None  # a Hugging Face Llama checkpoint directory (or a GGUF file) to fine-tune
     config: dict | None = None  # or LlamaConfig fields (HF config.json names) for a randomly initialised model
     tokenizer: str | None = None  # tokenizer directory (tokenizer.json or tokenizer.model); default: init_from
     # Fine-tune only the top N blocks and the output head (final norm; lm_head unless tied to the embedding); the
@@ -335,7 +335,14 @@ def build_model(cfg: TrainConfig, mesh, device: torch.device):
     """Build on the meta device, shard, allocate only this rank's shards, then fill them (checkpoint or random)."""
     from lynx.model import Llama
 
-    if cfg.model.init_from is not None:
+    gguf_file = cfg.model.init_from is not None and Path(cfg.model.init_from).suffix == ".gguf"
+    if gguf_file:
+        from lynx.gguf import read_gguf_config
+
+        if not Path(cfg.model.init_from).is_file():
+            raise FileNotFoundError(f"model.init_from: GGUF file not found: {cfg.model.init_from}")
+        model_cfg = read_gguf_config(cfg.model.init_from)
+    elif cfg.model.init_from is not None:
         path = Path(cfg.model.init_from)
         if not path.is_dir():
             raise FileNotFoundError(f"model.init_from: checkpoint directory not found: {path}")
@@ -347,7 +354,9 @@ def build_model(cfg: TrainConfig, mesh, device: torch.device):
     parallel.parallelize(model, mesh, cfg.parallel)
     # The sharded master copy is fp32 (the optimizer updates it); MixedPrecisionPolicy gathers it in param_dtype.
     model.to_empty(device=device)
-    if cfg.model.init_from is not None:
+    if gguf_file:
+        parallel.load_gguf_into_sharded(model, cfg.model.init_from)
+    elif cfg.model.init_from is not None:
         parallel.load_hf_into_sharded(model, cfg.model.init_from)
     else:
         parallel.init_random_sharded(model, seed=cfg.seed, std=cfg.model.init_std)

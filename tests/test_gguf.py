@@ -404,3 +404,20 @@ def test_smollm2_convert_cli_folder_loads_in_transformers(smollm2, tmp_path):
         p.name for p in out.iterdir()}
     assert_same_logits(hf_dir_load(out), ours, ids, atol=1e-4)
     assert_same_logits(Llama.from_pretrained(out), ours, ids, atol=0)
+
+
+def test_trainer_init_from_gguf(tmp_path):
+    """model.init_from: x.gguf fine-tunes straight from the file: one step at lr 0 exports the file's weights."""
+    from lynx.trainer import load_config, train
+    from trainer_helpers import synthetic_examples, tiny_overrides
+
+    path = write_gguf(make_tiny_hf_model(seed=4), tmp_path / "tiny.gguf", Q.Q8_0)
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"model.init_from": str(path), "max_steps": 1,
+                                                                "optim.lr": 0.0, "model.train_layers": 1,
+                                                                "global_batch_size": 1,
+                                                                "checkpoint.export_dtype": "float32"}))
+    torch.set_num_threads(1)
+    train(cfg, examples=synthetic_examples(8))
+    exported = Llama.from_pretrained(tmp_path / "run" / "final", dtype=torch.float32).state_dict()
+    for name, t in Llama.from_pretrained(path).state_dict().items():
+        torch.testing.assert_close(exported[name], t, msg=name)
