@@ -8,6 +8,11 @@ Three paths:
   (under torch.compile, or with CPU_PACKED_IMPL = "mask": one SDPA call with a dense block-diagonal causal mask,
   which computes the same thing).
 
+Shared prefix (`prefix_len` P > 0, packed sequences only): every row starts with the same P-token prefix (the
+fixed part of a prompt, e.g. the judge instruction) as its first segment, and every later segment of the row attends
+to those keys as well as causally to itself, as if the prefix had been repeated in front of each document. The
+prefix is then computed (and back-propagated) once per row instead of once per document.
+
 Why per segment rather than the dense mask: SDPA's CPU flash kernel skips the key blocks above the diagonal only
 with is_causal=True; with a dense mask it computes every [T, T] score and builds the mask in every layer. Per
 segment, the work is sum(L_i^2) / 2 instead of T^2. (benchmarks/bench_train_step.py --demo measures both.)
@@ -42,6 +47,7 @@ def attention(
     attn_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    prefix_len: int = 0,
 ) -> torch.Tensor:
     """Causal attention; returns [B, T, Hq, D].
 
@@ -52,11 +58,14 @@ def attention(
     document never spans two rows (what `lynx.sft_data.PackedLoader` produces). Attention is causal within each
     segment and zero across segments.
     max_seqlen: the longest segment (flash-attn needs it as a Python int; computed from cu_seqlens if omitted).
+    prefix_len: with cu_seqlens, the shared prefix of every row (see the module docstring); 0 = none.
     """
     if cu_seqlens is not None:
         if attn_mask is not None:
             raise ValueError("attention: pass either attn_mask or cu_seqlens, not both")
-        return packed_attention(q, k, v, cu_seqlens, max_seqlen)
+        return packed_attention(q, k, v, cu_seqlens, max_seqlen, prefix_len)
+    if prefix_len:
+        raise ValueError("attention: prefix_len applies to packed sequences (cu_seqlens) only")
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
     if q.shape[2] == 1 and attn_mask is not None:
         return single_query_attention(q, k, v, attn_mask).transpose(1, 2)
@@ -81,41 +90,65 @@ def single_query_attention(q, k, v, attn_mask) -> torch.Tensor:
     return (probs @ v).view(B, Hq, 1, D)
 
 
-def packed_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> torch.Tensor:
-    """Causal attention within the segments given by cu_seqlens; q, k, v [B, T, H, D] -> [B, T, Hq, D]."""
+def packed_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int | None = None,
+                     prefix_len: int = 0) -> torch.Tensor:
+    """Causal attention within the segments given by cu_seqlens (each row's later segments also seeing its first
+    `prefix_len` tokens); q, k, v [B, T, H, D] -> [B, T, Hq, D]."""
     B, T, Hq, D = q.shape
     if k.shape[1] != T:
         raise ValueError(f"packed attention needs as many keys as queries (got {k.shape[1]} keys, {T} queries)")
     if use_flash_varlen(q):
         # flash-attn reads int32 offsets only, from the GPU.
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        # flash-attn takes the batch flattened into one token axis; GQA (fewer k/v heads) is native.
-        out = flash_attn_varlen_func(
-            q.reshape(B * T, Hq, D), k.reshape(B * T, k.shape[2], D), v.reshape(B * T, v.shape[2], D),
-            cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
-        )
+        q, k, v = (t.reshape(B * T, t.shape[2], D) for t in (q, k, v))  # the batch as one token axis
+        cu_k = cu_seqlens
+        if prefix_len:
+            # Each later segment's keys are its row's prefix followed by its own; causal=True aligns the causal mask
+            # to the bottom right (flash-attn >= 2.1), so every query sees the whole prefix and its own past.
+            index, cu_k = shared_prefix_key_index(cu_seqlens.tolist(), B, T, prefix_len)
+            index = torch.tensor(index, device=q.device)
+            k, v = k[index], v[index]
+            cu_k = torch.tensor(cu_k, device=q.device, dtype=torch.int32)
+        lengths_q, lengths_k = cu_seqlens[1:] - cu_seqlens[:-1], cu_k[1:] - cu_k[:-1]
+        max_q = int(lengths_q.max()) if max_seqlen is None or prefix_len else max_seqlen
+        max_k = int(lengths_k.max()) if max_seqlen is None or prefix_len else max_seqlen
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_k, max_q, max_k, causal=True)  # GQA is native
         return out.view(B, T, Hq, D)
     if CPU_PACKED_IMPL == "segments" and not torch.compiler.is_compiling():
-        return segment_attention(q, k, v, cu_seqlens)
+        return segment_attention(q, k, v, cu_seqlens, prefix_len)
     if CPU_PACKED_IMPL not in ("segments", "mask"):
         raise ValueError(f"lynx.attention.CPU_PACKED_IMPL must be 'segments' or 'mask', got {CPU_PACKED_IMPL!r}")
-    mask = block_causal_mask(cu_seqlens, B, T, q.device)
+    mask = block_causal_mask(cu_seqlens, B, T, q.device, prefix_len)
     return attention(q, k, v, attn_mask=mask)
 
 
-def segment_attention(q, k, v, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Causal SDPA on each segment of cu_seqlens separately (q, k, v [B, T, H, D] -> [B, T, Hq, D]).
+def shared_prefix_key_index(bounds: list[int], batch_size: int, seq_len: int, prefix_len: int):
+    """For flash-attn's varlen keys with a shared prefix: the flat token index of every segment's keys (its row's
+    prefix, then itself; the prefix segment itself: just itself) and their cumulative lengths."""
+    _check_cu_seqlens(bounds, batch_size, seq_len, prefix_len)
+    index, cu_k = [], [0]
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        row_start = s - s % seq_len
+        if s != row_start:
+            index += range(row_start, row_start + prefix_len)
+        index += range(s, e)
+        cu_k.append(len(index))
+    return index, cu_k
+
+
+def segment_attention(q, k, v, cu_seqlens: torch.Tensor, prefix_len: int = 0) -> torch.Tensor:
+    """Causal SDPA on each segment of cu_seqlens separately (q, k, v [B, T, H, D] -> [B, T, Hq, D]); with a shared
+    prefix, each later segment's keys are its row's prefix and itself, under a mask [L, P + L] (prefix all visible,
+    then causal).
 
     The batch is flattened to one token axis, so a segment is a contiguous run of tokens. Segments of equal length
     (one document per row, or unpacked batches) go through one batched call."""
     B, T, Hq, D = q.shape
     bounds = cu_seqlens.tolist()
-    _check_cu_seqlens(bounds, B, T)
+    _check_cu_seqlens(bounds, B, T, prefix_len)
     q, k, v = (t.reshape(B * T, t.shape[2], D) for t in (q, k, v))
     lengths = {e - s for s, e in zip(bounds[:-1], bounds[1:])}
-    if len(lengths) == 1:
+    if len(lengths) == 1 and not prefix_len:
         n = lengths.pop()
         return attention(*(t.view(B * T // n, n, t.shape[1], D) for t in (q, k, v))).view(B, T, Hq, D)
     gqa = q.shape[1] != k.shape[1]
@@ -123,13 +156,23 @@ def segment_attention(q, k, v, cu_seqlens: torch.Tensor) -> torch.Tensor:
     for s, e in zip(bounds[:-1], bounds[1:]):
         # Contiguous [1, H, L, D] copies: the CPU flash kernel's backward runs ~1.5x faster on them than on strided
         # views, and the copies are small next to the attention itself.
-        qs, ks, vs = (t[s:e].transpose(0, 1)[None].contiguous() for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+        qs = q[s:e].transpose(0, 1)[None].contiguous()
+        row_start = s - s % T
+        if prefix_len and s != row_start:
+            keys = torch.cat([torch.arange(row_start, row_start + prefix_len), torch.arange(s, e)]).to(q.device)
+            ks, vs = (t[keys].transpose(0, 1)[None] for t in (k, v))
+            L = e - s
+            mask = torch.ones(L, prefix_len + L, dtype=torch.bool, device=q.device)
+            mask[:, prefix_len:] = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
+        else:
+            ks, vs = (t[s:e].transpose(0, 1)[None].contiguous() for t in (k, v))
+            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
         outs.append(out[0].transpose(0, 1))
     return torch.cat(outs).view(B, T, Hq, D)
 
 
-def _check_cu_seqlens(bounds: list[int], batch_size: int, seq_len: int) -> None:
+def _check_cu_seqlens(bounds: list[int], batch_size: int, seq_len: int, prefix_len: int = 0) -> None:
     # A segment spanning two rows would be silently cut in two by the per-row mask; refuse it instead.
     n = batch_size * seq_len
     if (bounds[0] != 0 or bounds[-1] != n or any(e <= s for s, e in zip(bounds[:-1], bounds[1:]))
@@ -138,10 +181,15 @@ def _check_cu_seqlens(bounds: list[int], batch_size: int, seq_len: int) -> None:
             f"cu_seqlens must start at 0, end at B*T = {n}, increase, and include every row start b*T "
             f"(no segment may span two rows); got {bounds}"
         )
+    if prefix_len and not (0 < prefix_len < seq_len and set(range(prefix_len, n, seq_len)) <= set(bounds)):
+        raise ValueError(f"prefix_len={prefix_len}: every row's first segment must be the prefix (cu_seqlens must "
+                         f"include b*T + prefix_len for every row); got {bounds}")
 
 
-def block_causal_mask(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int, device=None) -> torch.Tensor:
-    """Boolean [B, 1, T, T] mask (True = attend): causal, and only within the same segment of cu_seqlens."""
+def block_causal_mask(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int, device=None,
+                      prefix_len: int = 0) -> torch.Tensor:
+    """Boolean [B, 1, T, T] mask (True = attend): causal, and only within the same segment of cu_seqlens or to the
+    row's first prefix_len tokens."""
     cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int64)
     positions = torch.arange(batch_size * seq_len, device=device)
     if not torch.compiler.is_compiling():
@@ -156,4 +204,5 @@ def block_causal_mask(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int, d
     segment = torch.searchsorted(cu_seqlens[1:], positions, right=True).view(batch_size, seq_len)
     same_segment = segment[:, :, None] == segment[:, None, :]
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
-    return (same_segment & causal)[:, None]
+    in_prefix = torch.arange(seq_len, device=device) < prefix_len  # keys every later segment of the row also sees
+    return ((same_segment | in_prefix[None, None, :]) & causal)[:, None]

@@ -175,6 +175,7 @@ class Llama(nn.Module):
         cache_start: int = 0,
         reduction: str = "mean",
         last_logits_only: bool = False,
+        logit_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V], or with `labels` the next-token loss (never materialising the logits).
 
@@ -186,6 +187,8 @@ class Llama(nn.Module):
         block then runs its query, attention output and MLP for that position alone (every position's keys and values
         are still computed and cached): nothing else reads the other positions' final hidden states, and projecting
         them onto a 128k vocabulary would be most of a prefill's work.
+        logit_positions: logits [1, N, V] of these N flat positions of the B * T tokens only (packed judging reads one
+        position per document).
         """
         B, T = input_ids.shape
         if last_logits_only and labels is not None:
@@ -198,6 +201,10 @@ class Llama(nn.Module):
             cache = kv_caches[i] if kv_caches is not None else None
             last_only = last_logits_only and i == len(self.layers) - 1
             h = layer(h, cos, sin, attn_kwargs or {}, cache, cache_start, last_only)
+        if logit_positions is not None:
+            if labels is not None:
+                raise ValueError("logit_positions returns logits; it cannot be combined with labels (a loss)")
+            h = h.reshape(1, B * T, -1)[:, logit_positions]
         return self.head(h, labels, reduction)
 
     def new_kv_caches(self, batch_size: int, max_len: int, dtype=None, device=None) -> list:

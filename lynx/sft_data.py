@@ -254,42 +254,71 @@ def tokenize_rows(tokenizer, rows: list[dict], *, max_seq_len: int, overflow: st
 
 @dataclass
 class PackedSequence:
-    """Several examples laid end to end (at most seq_len tokens). lengths: each example's length, in order."""
+    """Several examples laid end to end (at most seq_len tokens). lengths: each example's length, in order. With a
+    shared prefix (prefix_len > 0) the sequence starts with it and each example follows without its own copy."""
 
     input_ids: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
+    prefix_len: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
-def pack(examples: list[Example], seq_len: int) -> list[PackedSequence]:
+def shared_prefix(examples: list[Example]) -> list[int]:
+    """The longest run of ids every example starts with (e.g. the judge instruction and the chat template's system
+    turn), stopping before any labelled position: the prefix is computed once per packed row, and the position
+    right after it predicts nothing, so no target token is lost."""
+    if not examples:
+        return []
+    first = examples[0].input_ids
+    n = min(len(e) for e in examples) - 1
+    for e in examples:
+        labelled = next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e))
+        n = min(n, labelled - 1)
+        while n > 0 and e.input_ids[:n] != first[:n]:
+            n -= 1
+    return list(first[: max(n, 0)])
+
+
+def pack(examples: list[Example], seq_len: int, prefix: list[int] | None = None) -> list[PackedSequence]:
     """Pack examples into sequences of at most seq_len tokens, deterministically (best-fit decreasing: longest
     example first, each into the fullest sequence it still fits in, ties to the earliest sequence). Inside a
     sequence, examples keep their input order. Each example's first label is set to IGNORE_INDEX so no loss is
-    computed across an example boundary (the previous example's last token never predicts this one's first)."""
+    computed across an example boundary (the previous example's last token never predicts this one's first).
+
+    prefix: ids every example starts with (`shared_prefix`): each sequence starts with one copy of them, and the
+    examples follow without theirs (lynx.attention's shared-prefix packing: each one still attends to it)."""
+    prefix = list(prefix or [])
+    P = len(prefix)
+    if P:
+        for i, ex in enumerate(examples):
+            if ex.input_ids[:P] != prefix or any(label != IGNORE_INDEX for label in ex.labels[: P + 1]):
+                raise ValueError(f"example {i} does not start with the shared prefix (or has labels inside it)")
+        examples = [Example(ex.input_ids[P:], ex.labels[P:], ex.truncated) for ex in examples]
+    capacity = seq_len - P
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]), i))
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # sorted (free space, bin index)
     for i in order:
         n = len(examples[i])
-        if n > seq_len:
-            raise ValueError(f"example {i} has {n} tokens, more than seq_len={seq_len}")
+        if n > capacity:
+            raise ValueError(f"example {i} has {n + P} tokens, more than seq_len={seq_len}")
         if n == 0:
             raise ValueError(f"example {i} is empty")
         at = bisect.bisect_left(free, (n, -1))  # the smallest free space that holds n
         if at < len(free):
             space, b = free.pop(at)
         else:
-            space, b = seq_len, len(bins)
+            space, b = capacity, len(bins)
             bins.append([])
         bins[b].append(i)
         if space - n > 0:
             bisect.insort(free, (space - n, b))
     sequences = []
     for members in bins:
-        seq = PackedSequence()
+        seq = PackedSequence(input_ids=list(prefix), labels=[IGNORE_INDEX] * P, prefix_len=P)
         for i in sorted(members):
             ex = examples[i]
             seq.input_ids += ex.input_ids
@@ -305,14 +334,22 @@ def collate(sequences: list[PackedSequence], seq_len: int, pad_id: int = 0) -> d
     input_ids    LongTensor [B, seq_len] (padding = pad_id)
     labels       LongTensor [B, seq_len], aligned with input_ids (the model shifts); IGNORE_INDEX on padding and on
                  each example's first token
-    position_ids LongTensor [B, seq_len], restarting at 0 for every example (and for the padding run)
+    position_ids LongTensor [B, seq_len], restarting at 0 for every example (and for the padding run); after a
+                 shared prefix of P tokens, each example's positions start at P, as if it carried its own copy
     cu_seqlens   IntTensor (int32) [num_segments + 1]: cumulative segment lengths over the flattened B * seq_len
-                 tokens; each row's padding is a segment of its own, so no segment spans two rows
+                 tokens (the shared prefix is each row's first segment); each row's padding is a segment of its
+                 own, so no segment spans two rows
     max_seqlen   int, the longest segment
+    prefix_len   int, the shared prefix of every row (0: none; see lynx.attention)
     num_target_tokens  int, number of labels[:, 1:] != IGNORE_INDEX (the positions that carry loss)
     num_tokens   int, non-padding tokens
+    num_examples int, examples in the micro-batch
     """
     B = len(sequences)
+    prefix_lens = {seq.prefix_len for seq in sequences}
+    if len(prefix_lens) > 1:
+        raise ValueError(f"sequences of one micro-batch have different shared prefixes ({sorted(prefix_lens)})")
+    P = prefix_lens.pop() if prefix_lens else 0
     input_ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((B, seq_len), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((B, seq_len), dtype=torch.long)
@@ -323,10 +360,11 @@ def collate(sequences: list[PackedSequence], seq_len: int, pad_id: int = 0) -> d
             raise ValueError(f"packed sequence of {n} tokens does not fit seq_len={seq_len}")
         input_ids[b, :n] = torch.tensor(seq.input_ids, dtype=torch.long)
         labels[b, :n] = torch.tensor(seq.labels, dtype=torch.long)
-        segments = seq.lengths + ([seq_len - n] if n < seq_len else [])
+        segments = ([P] if P else []) + seq.lengths + ([seq_len - n] if n < seq_len else [])
         offset = 0
-        for length in segments:
-            position_ids[b, offset : offset + length] = torch.arange(length)
+        for i, length in enumerate(segments):
+            start = P if P and 0 < i <= len(seq.lengths) else 0  # examples continue after the shared prefix
+            position_ids[b, offset : offset + length] = torch.arange(start, start + length)
             offset += length
             cu_seqlens.append(b * seq_len + offset)
             max_seqlen = max(max_seqlen, length)
@@ -337,8 +375,10 @@ def collate(sequences: list[PackedSequence], seq_len: int, pad_id: int = 0) -> d
         "position_ids": position_ids,
         "cu_seqlens": torch.tensor(cu_seqlens, dtype=torch.int32),
         "max_seqlen": max_seqlen,
+        "prefix_len": P,
         "num_target_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
         "num_tokens": num_tokens,
+        "num_examples": sum(len(seq.lengths) for seq in sequences),
     }
 
 
@@ -365,10 +405,11 @@ class PackedLoader:
     """
 
     def __init__(self, sequences_or_examples, *, seq_len: int, micro_batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, drop_last: bool = True, grad_accum: int = 1, pad_id: int = 0):
+                 world_size: int = 1, seed: int = 0, drop_last: bool = True, grad_accum: int = 1, pad_id: int = 0,
+                 prefix: list[int] | None = None):
         items = list(sequences_or_examples)
         if items and all(isinstance(x, Example) for x in items):
-            items = pack(items, seq_len)
+            items = pack(items, seq_len, prefix)
         elif not all(isinstance(x, PackedSequence) for x in items):
             raise TypeError("PackedLoader takes a list of Example or a list of PackedSequence")
         for i, seq in enumerate(items):

@@ -60,6 +60,9 @@ class DataConfig:
     overflow: str = "truncate_document"  # or "drop"
     train_on_inputs: bool = False  # loss on every token (prompt too), not only the assistant turns
     pack: bool = True  # several examples per sequence; False: one example per sequence (padded to max_seq_len)
+    # The ids every row starts with (the judge instruction, the template's system turn) once per packed sequence,
+    # attended to by each example in it (lynx.attention): fewer tokens per example, the same loss and gradients.
+    shared_prefix: bool = False
     micro_batch_size: int = 1  # sequences per rank per forward/backward
     drop_last: bool = True  # drop the last incomplete global batch of each epoch (else wrap around)
 
@@ -253,6 +256,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("set exactly one of model.init_from (a HF checkpoint dir) and model.config (random init)")
     if cfg.model.train_layers is not None and cfg.model.train_layers < 0:
         raise ConfigError("model.train_layers must be >= 0 (or null: train every layer)")
+    if cfg.data.shared_prefix and (cfg.data.train_on_inputs or not cfg.data.pack):
+        raise ConfigError("data.shared_prefix needs data.pack=true and data.train_on_inputs=false (the prefix is "
+                          "computed once per packed row, so a loss on it would count once instead of per example)")
     if cfg.data.overflow not in ("truncate_document", "drop"):
         raise ConfigError(f"data.overflow: {cfg.data.overflow!r} (choose truncate_document or drop)")
     if cfg.optim.name not in ("lionw", "adamw"):
@@ -611,7 +617,8 @@ def train_step(model, optimizer, micro_batches: list[dict], device, clip: float,
     for b in micro_batches:
         loss = model(
             b["input_ids"].to(device), b["labels"].to(device), position_ids=b["position_ids"].to(device),
-            attn_kwargs={"cu_seqlens": b["cu_seqlens"].to(device), "max_seqlen": b["max_seqlen"]},
+            attn_kwargs={"cu_seqlens": b["cu_seqlens"].to(device), "max_seqlen": b["max_seqlen"],
+                         "prefix_len": b.get("prefix_len", 0)},
             reduction="sum",
         )
         # Divide by the global count, not this micro-batch's: every target token weighs the same.
@@ -675,9 +682,15 @@ def _train(cfg: TrainConfig, examples, device, sft_data) -> dict:
     if not cfg.data.pack:
         # One example per sequence, so a global batch is global_batch_size examples (the recipe's meaning).
         examples = [sft_data.pack([e], cfg.data.max_seq_len)[0] for e in examples]
+    prefix = sft_data.shared_prefix(examples) if cfg.data.shared_prefix else None
+    if rank == 0 and cfg.data.shared_prefix:
+        mean = sum(map(len, examples)) / max(len(examples), 1)
+        print(f"data: shared prefix of {len(prefix)} tokens, once per packed sequence (examples average {mean:.0f})",
+              flush=True)
     loader = sft_data.PackedLoader(
         examples, seq_len=cfg.data.max_seq_len, micro_batch_size=cfg.data.micro_batch_size, rank=rank,
         world_size=world, seed=cfg.seed, drop_last=cfg.data.drop_last, grad_accum=grad_accum, pad_id=pad_id,
+        prefix=prefix,
     )
     total_steps = cfg.max_steps or cfg.epochs * loader.steps_per_epoch
 
@@ -747,8 +760,10 @@ def _train(cfg: TrainConfig, examples, device, sft_data) -> dict:
         step += 1
         dt = time.perf_counter() - t0
 
+        n_examples = all_reduce_sum([sum(b["num_examples"] for b in micro_batches)], device)[0]
         record = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(n_tokens),
-                  "target_tokens": int(n_target), "tokens_per_s": n_tokens / dt, "step_time_s": dt,
+                  "target_tokens": int(n_target), "examples": int(n_examples), "tokens_per_s": n_tokens / dt,
+                  "examples_per_s": n_examples / dt, "step_time_s": dt,
                   "peak_memory_gib": peak_memory_gib(device), "skipped": not finite, "skipped_total": skipped}
         if evaluator is not None and ((cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == stop_at):
             record.update(evaluator.run(model, device))
@@ -765,7 +780,7 @@ def _train(cfg: TrainConfig, examples, device, sft_data) -> dict:
         total_tokens += n_tokens
         total_time += dt
         bar.update(1)
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}", ex_s=f"{n_examples / dt:.2f}")
         if not finite and rank == 0:
             tqdm.write(f"step {step}: non-finite loss {mean_loss} or grad norm {grad_norm}: step skipped "
                        f"({skipped} of at most {o.max_skipped_steps})")

@@ -1,0 +1,114 @@
+"""Shared-prefix packing: one copy of the common prompt prefix per packed row must give every document exactly what
+it gets with its own copy in front (logits, loss, gradients), on every attention path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lynx import attention as attention_module
+from lynx.attention import attention
+from lynx.model import Llama
+from lynx.sft_data import IGNORE_INDEX, Example, collate, pack, shared_prefix
+from conftest import make_tiny_checkpoint
+
+P = 7
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("prefix") / "tiny")
+    return Llama.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def examples(n=5, seed=0, vocab=320):
+    """Documents that all start with the same P-token prefix; the second half of each is the target."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(2, vocab, (P,), generator=g).tolist()
+    out = []
+    for _ in range(n):
+        rest = torch.randint(2, vocab, (int(torch.randint(4, 15, (1,), generator=g)),), generator=g).tolist()
+        ids = prefix + rest
+        labels = [IGNORE_INDEX] * (P + len(rest) // 2) + ids[P + len(rest) // 2:]
+        out.append(Example(ids, labels))
+    return prefix, out
+
+
+def test_shared_prefix_stops_before_the_first_label():
+    prefix, exs = examples()
+    assert shared_prefix(exs) == prefix
+    # A label right after the common ids: the prefix must stop one earlier (that position predicts the label).
+    early = Example(prefix + [5, 6], [IGNORE_INDEX] * P + [5, 6])
+    assert shared_prefix(exs + [early]) == prefix[: P - 1]
+    assert shared_prefix(exs + [Example([1, 2, 3], [IGNORE_INDEX] * 3)]) == []
+
+
+def fake_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, **kwargs):
+    """flash-attn's varlen semantics on CPU: per segment, causal aligned to the bottom right (flash-attn >= 2.1)."""
+    out = torch.empty_like(q)
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    for (s, e), (ks_, ke) in zip(zip(bq[:-1], bq[1:]), zip(bk[:-1], bk[1:])):
+        Lq, Lk = e - s, ke - ks_
+        mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq)
+        o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1)[None], k[ks_:ke].transpose(0, 1)[None],
+                                           v[ks_:ke].transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
+        out[s:e] = o[0].transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("path", ["segments", "mask", "flash"])
+def test_each_document_sees_the_prefix_as_its_own(model, monkeypatch, path):
+    if path == "mask":
+        monkeypatch.setattr(attention_module, "CPU_PACKED_IMPL", "mask")
+    if path == "flash":
+        monkeypatch.setattr(attention_module, "flash_attn_varlen_func", fake_flash_varlen)
+        monkeypatch.setattr(attention_module, "use_flash_varlen", lambda q: True)
+    prefix, exs = examples()
+    seq_len = 48
+    sequences = pack(exs, seq_len, prefix)
+    assert len(sequences) > 1 and all(s.input_ids[:P] == prefix for s in sequences)
+    batch = collate(sequences, seq_len)
+    with torch.no_grad():
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"],
+                       attn_kwargs={"cu_seqlens": batch["cu_seqlens"], "prefix_len": P})
+        checked = 0
+        for b, seq in enumerate(sequences):
+            start = P
+            for length in seq.lengths:
+                doc = torch.tensor([prefix + seq.input_ids[start : start + length]])
+                alone = model(doc)[0, P:]
+                torch.testing.assert_close(logits[b, start : start + length], alone, rtol=1e-5, atol=1e-5)
+                start += length
+                checked += 1
+    assert checked == len(exs)
+
+
+def test_loss_and_gradients_equal_unshared_packing(model):
+    prefix, exs = examples(n=6, seed=1)
+
+    def loss_and_grads(sequences, seq_len):
+        model.zero_grad()
+        batch = collate(sequences, seq_len)
+        loss = model(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"], reduction="sum",
+                     attn_kwargs={"cu_seqlens": batch["cu_seqlens"], "prefix_len": batch["prefix_len"]})
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, batch["num_target_tokens"]
+
+    shared_loss, shared_grads, shared_n = loss_and_grads(pack(exs, 64, prefix), 64)
+    plain_loss, plain_grads, plain_n = loss_and_grads(pack(exs, 64), 64)
+    assert shared_n == plain_n
+    torch.testing.assert_close(shared_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    for name in plain_grads:
+        torch.testing.assert_close(shared_grads[name], plain_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bad_prefix_layouts_are_errors():
+    prefix, exs = examples()
+    with pytest.raises(ValueError, match="does not start with the shared prefix"):
+        pack(exs + [Example([9] * 12, [IGNORE_INDEX] * 12)], 48, prefix)
+    q = torch.randn(1, 16, 4, 8)
+    with pytest.raises(ValueError, match="prefix_len=3: every row's first segment must be the prefix"):
+        attention(q, q, q, cu_seqlens=torch.tensor([0, 5, 16], dtype=torch.int32), prefix_len=3)
+    with pytest.raises(ValueError, match="packed sequences"):
+        attention(q, q, q, prefix_len=3)
