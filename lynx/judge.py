@@ -6,7 +6,9 @@ Two modes:
 - full (default, as published): greedy generation of `{"REASONING": [...], "SCORE": "..."}` (max_new_tokens 600),
   parsed by `parse_output`. `p_pass` is read from the logits at the step where the score word is generated.
 - fast: no reasoning. The completion is forced to start with `{"REASONING": [], "SCORE": "` and `p_pass` is read
-  from the logits right after it (one forward pass per example); the score is PASS when p_pass >= 0.5.
+  from the logits right after it; the score is PASS when p_pass >= 0.5. Prompts are packed several to a forward
+  pass, their common prefix (the chat template's system turn and the judge instruction) computed once per pass
+  (lynx.attention's shared-prefix packing; the same logits as one prompt at a time).
 
 p_pass = P(PASS) / (P(PASS) + P(FAIL)) at that position, where P(PASS) sums the probabilities of the first tokens
 of the spellings "PASS", "Pass", "pass" as they would be tokenized at that position, and P(FAIL) likewise. The first
@@ -286,6 +288,7 @@ class Judge:
         max_input_tokens: int | None = None,
         long_inputs: str = "truncate",
         tokenizer: Tokenizer | None = None,
+        pack_tokens: int = 4096,
     ):
         if long_inputs not in LONG_INPUT_POLICIES:
             raise ValueError(f"long_inputs must be one of {LONG_INPUT_POLICIES}, got {long_inputs!r}")
@@ -303,6 +306,7 @@ class Judge:
             )
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.pack_tokens = pack_tokens  # fast mode: tokens per packed forward pass
         self.long_inputs = long_inputs
         self.fast_prefix_ids, self.fast_score_ids = fast_score_tokens(self.tokenizer)
         context = self.model.config.max_position_embeddings
@@ -357,15 +361,19 @@ class Judge:
         if progress and len(prompts) < len(examples):
             progress(len(examples) - len(prompts))
         order = sorted(prompts, key=lambda i: -len(prompts[i][0]))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            batch = [prompts[i][0] for i in chunk]
-            results = self._judge_fast(batch) if fast else self._judge_full(batch)
+        if fast:
+            results = self._judge_fast([prompts[i][0] for i in order], progress)
+            chunks = [(order, results)]
+        else:
+            chunks = ((order[s : s + batch_size], None) for s in range(0, len(order), batch_size))
+        for chunk, results in chunks:
+            if results is None:
+                results = self._judge_full([prompts[i][0] for i in chunk])
             for i, verdict in zip(chunk, results):
                 verdict.prompt_tokens = len(prompts[i][0])
                 verdict.truncated = prompts[i][1]
                 verdicts[i] = verdict
-            if progress:
+            if progress and not fast:
                 progress(len(chunk))
         return verdicts
 
@@ -386,18 +394,33 @@ class Judge:
             verdicts.append(Verdict(score, reasoning, p_pass, raw))
         return verdicts
 
-    def _judge_fast(self, prompts: list[list[int]]) -> list[Verdict]:
-        # One step of generation = one forward pass over the prompt and the forced prefix.
+    @torch.no_grad()
+    def _judge_fast(self, prompts: list[list[int]], progress=None) -> list[Verdict]:
+        """p_pass at the end of each prompt (which ends with the forced prefix), packed pack_tokens to a forward
+        pass with their common prefix shared."""
+        from lynx.sft_data import IGNORE_INDEX, Example, collate, pack, shared_prefix
+
+        examples = [Example(ids, [IGNORE_INDEX] * len(ids)) for ids in prompts]
+        prefix = shared_prefix(examples)
+        seq_len = max(self.pack_tokens, max(map(len, prompts)))
         pass_ids, fail_ids = self.fast_score_ids
-        watch = sorted(set(pass_ids) | set(fail_ids))
-        result = run_generation(self.model, prompts, max_new_tokens=1, pad_id=self.tokenizer.pad_id, watch_ids=watch)
-        column = {tok: j for j, tok in enumerate(watch)}
+        p_pass = [0.0] * len(prompts)
+        for seq in pack(examples, seq_len, prefix):
+            batch = collate([seq], len(seq))
+            ends = torch.tensor(seq.lengths).cumsum(0) + len(prefix) - 1  # each prompt's last position
+            logits = self.model(
+                batch["input_ids"].to(self.device), position_ids=batch["position_ids"].to(self.device),
+                attn_kwargs={"cu_seqlens": batch["cu_seqlens"].to(self.device), "prefix_len": batch["prefix_len"]},
+                logit_positions=ends.to(self.device),
+            )[0].double()
+            lp = torch.logsumexp(logits[:, pass_ids], -1)
+            lf = torch.logsumexp(logits[:, fail_ids], -1)
+            for i, p in zip(seq.indices, torch.sigmoid(lp - lf).tolist()):
+                p_pass[i] = p
+            if progress:
+                progress(len(seq.indices))
         verdicts = []
-        for watched in result.watched_logits:
-            logits = watched[0].double()
-            lp = torch.logsumexp(logits[[column[i] for i in pass_ids]], 0)
-            lf = torch.logsumexp(logits[[column[i] for i in fail_ids]], 0)
-            p_pass = float(torch.sigmoid(lp - lf))
-            score = "PASS" if p_pass >= 0.5 else "FAIL"
-            verdicts.append(Verdict(score, [], p_pass, f'{FAST_PREFIX}{score}"}}'))
+        for p in p_pass:
+            score = "PASS" if p >= 0.5 else "FAIL"
+            verdicts.append(Verdict(score, [], p, f'{FAST_PREFIX}{score}"}}'))
         return verdicts

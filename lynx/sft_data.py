@@ -261,6 +261,7 @@ class PackedSequence:
     labels: list[int] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     prefix_len: int = 0
+    indices: list[int] = field(default_factory=list)  # which of the packed examples, in order
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -324,6 +325,7 @@ def pack(examples: list[Example], seq_len: int, prefix: list[int] | None = None)
             seq.input_ids += ex.input_ids
             seq.labels += [IGNORE_INDEX, *ex.labels[1:]]
             seq.lengths.append(len(ex))
+            seq.indices.append(i)
         sequences.append(seq)
     return sequences
 

@@ -28,7 +28,8 @@ def one_rank_group():
 
 
 def halubench_rows(path, n=6):
-    rows = [{"id": str(i), "question": q, "passage": c, "answer": a, "label": "PASS" if i % 2 else "FAIL",
+    # Distinct rows: duplicates would tie exactly in one path and differ in the last bits in another (AUROC ties).
+    rows = [{"id": str(i), "question": f"{q} ({i})", "passage": c, "answer": a, "label": "PASS" if i % 2 else "FAIL",
              "source_ds": "x"} for i, (q, c, a) in enumerate((EXAMPLES * n)[:n])]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
