@@ -111,6 +111,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False  # the document was shortened to fit max_seq_len
+    group: str | None = None  # examples of one group are packed into the same sequence (see `pack`)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -227,10 +228,11 @@ def truncate_document(tokenizer, messages: list[dict], max_seq_len: int) -> list
 
 
 def tokenize_rows(tokenizer, rows: list[dict], *, max_seq_len: int, overflow: str = "truncate_document",
-                  train_on_inputs: bool = False, progress: bool = False,
-                  keep_dropped: bool = False) -> tuple[list[Example], TokenizeStats]:
+                  train_on_inputs: bool = False, progress: bool = False, keep_dropped: bool = False,
+                  group_key: str | None = None) -> tuple[list[Example], TokenizeStats]:
     """Tokenize every row; returns the kept examples (in row order) and how many were truncated or dropped.
-    keep_dropped: put None in place of each dropped row (one entry per row: the trainer merges ranks' shares)."""
+    keep_dropped: put None in place of each dropped row (one entry per row: the trainer merges ranks' shares).
+    group_key: a row key whose value becomes Example.group (rows without it are their own group)."""
     from tqdm import tqdm
 
     stats = TokenizeStats(rows=len(rows))
@@ -245,6 +247,8 @@ def tokenize_rows(tokenizer, rows: list[dict], *, max_seq_len: int, overflow: st
             continue
         stats.kept += 1
         stats.truncated += example.truncated
+        if group_key is not None and row.get(group_key) is not None:
+            example.group = str(row[group_key])
         examples.append(example)
     return examples, stats
 
@@ -290,31 +294,43 @@ def pack(examples: list[Example], seq_len: int, prefix: list[int] | None = None)
     computed across an example boundary (the previous example's last token never predicts this one's first).
 
     prefix: ids every example starts with (`shared_prefix`): each sequence starts with one copy of them, and the
-    examples follow without theirs (lynx.attention's shared-prefix packing: each one still attends to it)."""
+    examples follow without theirs (lynx.attention's shared-prefix packing: each one still attends to it).
+    Examples with the same `group` (e.g. a question's PASS and FAIL rows) are placed as one unit, so they land in
+    the same sequence and hence the same optimizer step."""
     prefix = list(prefix or [])
     P = len(prefix)
     if P:
         for i, ex in enumerate(examples):
             if ex.input_ids[:P] != prefix or any(label != IGNORE_INDEX for label in ex.labels[: P + 1]):
                 raise ValueError(f"example {i} does not start with the shared prefix (or has labels inside it)")
-        examples = [Example(ex.input_ids[P:], ex.labels[P:], ex.truncated) for ex in examples]
+        examples = [Example(ex.input_ids[P:], ex.labels[P:], ex.truncated, ex.group) for ex in examples]
     capacity = seq_len - P
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]), i))
+    for i, ex in enumerate(examples):
+        if len(ex) > capacity:
+            raise ValueError(f"example {i} has {len(ex) + P} tokens, more than seq_len={seq_len}")
+        if len(ex) == 0:
+            raise ValueError(f"example {i} is empty")
+    units: dict = {}  # group -> example indices (an ungrouped example is a unit of its own)
+    for i, ex in enumerate(examples):
+        units.setdefault(("group", ex.group) if ex.group is not None else ("one", i), []).append(i)
+    sizes = {key: sum(len(examples[i]) for i in members) for key, members in units.items()}
+    for key, members in list(units.items()):
+        if sizes[key] > capacity:  # a group too long for one sequence: its members go separately
+            del units[key], sizes[key]
+            for i in members:
+                units[("one", i)], sizes[("one", i)] = [i], len(examples[i])
+    order = sorted(units, key=lambda key: (-sizes[key], units[key][0]))
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # sorted (free space, bin index)
-    for i in order:
-        n = len(examples[i])
-        if n > capacity:
-            raise ValueError(f"example {i} has {n + P} tokens, more than seq_len={seq_len}")
-        if n == 0:
-            raise ValueError(f"example {i} is empty")
+    for key in order:
+        n = sizes[key]
         at = bisect.bisect_left(free, (n, -1))  # the smallest free space that holds n
         if at < len(free):
             space, b = free.pop(at)
         else:
             space, b = capacity, len(bins)
             bins.append([])
-        bins[b].append(i)
+        bins[b] += units[key]
         if space - n > 0:
             bisect.insort(free, (space - n, b))
     sequences = []

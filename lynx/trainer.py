@@ -63,6 +63,7 @@ class DataConfig:
     # The ids every row starts with (the judge instruction, the template's system turn) once per packed sequence,
     # attended to by each example in it (lynx.attention): fewer tokens per example, the same loss and gradients.
     shared_prefix: bool = False
+    pack_group_key: str | None = None  # rows with the same value of this key share a packed sequence (and step)
     micro_batch_size: int = 1  # sequences per rank per forward/backward
     drop_last: bool = True  # drop the last incomplete global batch of each epoch (else wrap around)
 
@@ -400,7 +401,7 @@ def tokenize_data(cfg: TrainConfig, tokenizer, rank: int):
     rows = sft_data.load_rows(cfg.data.train)
     world = dist.get_world_size() if dist.is_initialized() else 1
     options = dict(max_seq_len=cfg.data.max_seq_len, overflow=cfg.data.overflow,
-                   train_on_inputs=cfg.data.train_on_inputs, progress=rank == 0)
+                   train_on_inputs=cfg.data.train_on_inputs, progress=rank == 0, group_key=cfg.data.pack_group_key)
     if world == 1:
         return sft_data.tokenize_rows(tokenizer, rows, **options)
     # Each rank tokenizes every world-th row, then all gather: every rank ends with the same examples in row order

@@ -342,3 +342,17 @@ def test_loader_packs_examples_and_counts_targets():
     assert seen == set(range(50))
     with pytest.raises(ValueError, match="fewer than one global batch"):
         PackedLoader(examples, seq_len=64, micro_batch_size=64, seed=0)
+
+
+def test_grouped_examples_share_a_sequence():
+    from lynx.sft_data import Example, pack
+
+    def ex(n, group=None):
+        return Example(list(range(1, n + 1)), [IGNORE_INDEX] * n, group=group)
+
+    # Best-fit decreasing alone puts the 6 with a 4 and the 3 with the other 4; grouped, a's 6 and 3 stay together.
+    examples = [ex(6, "a"), ex(3, "a"), ex(4, "b"), ex(4, "b"), ex(2)]
+    assert sorted(sorted(s.indices) for s in pack(examples, 10)) == [[0, 1], [2, 3, 4]]
+    assert sorted(sorted(s.indices) for s in pack([ex(6), ex(3), ex(4), ex(4), ex(2)], 10)) == [[0, 2], [1, 3, 4]]
+    # A group longer than a sequence is split into its members rather than refused.
+    assert sorted(sorted(s.indices) for s in pack([ex(7, "x"), ex(7, "x")], 10)) == [[0], [1]]
