@@ -1,5 +1,7 @@
 """The dataset builder on the shipped sources: schema, balance, split disjointness, determinism, validity rates."""
 
+import difflib
+import gzip
 import hashlib
 import json
 import os
@@ -7,14 +9,18 @@ import re
 import subprocess
 import sys
 from collections import Counter, defaultdict
+from itertools import combinations
+from pathlib import Path
 
 import pytest
 
 from lynx.data.__main__ import main
 from lynx.data.build import SPLITS, build, window_passage
 from lynx.data.reasoning import word_checks
-from lynx.data.text import normalize
+from lynx.data.text import near_duplicate_clusters, normalize
 from lynx.prompt import format_prompt
+
+RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 
 HALUBENCH_KEYS = ["id", "passage", "question", "answer", "label", "source_ds"]
 
@@ -30,6 +36,148 @@ def full(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
     stats = build(out, seed=17, token_stats=False, log=lambda *a: None)
     return out, stats
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """Everything shipped, with the demo's passage windows."""
+    out = tmp_path_factory.mktemp("windowed")
+    stats = build(out, seed=17, max_passage_chars=300, token_stats=False, log=lambda *a: None)
+    return out, stats
+
+
+def all_rows(out):
+    return [{**r, "split": split} for split in SPLITS for r in read(out / f"halubench_{split}.jsonl")]
+
+
+def _collapse(text):
+    return " ".join(text.split())
+
+
+def _raw_json(path):
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _raw_jsonl(path):
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _drop_answer_spellings(answer):
+    if answer["number"]:
+        return {answer["number"]}
+    date = answer["date"]
+    if any(date.values()):
+        day, month, year = date["day"], date["month"], date["year"]
+        return {" ".join(p for p in parts if p) for parts in ((month, day, year), (day, month, year), (year,))}
+    return {", ".join(answer["spans"])}
+
+
+@pytest.fixture(scope="module")
+def raw_questions():
+    """(source, normalised question) -> [(whitespace-collapsed passage, gold answers)], read from data/raw directly
+    (not through lynx.data.sources), every gold answer the source gives."""
+    out = defaultdict(list)
+    for name in ("qa_one-turn_data.jsonl.gz", "qa_multi-turn_data.jsonl.gz"):
+        for obj in _raw_jsonl(RAW / "halueval" / name):
+            out["halueval", normalize(obj["question"])].append((_collapse(obj["knowledge"]), {obj["right_answer"]}))
+    for obj in _raw_json(RAW / "pubmedqa" / "ori_pqal.json.gz").values():
+        gold = obj["final_decision"].capitalize() + ". " + obj["LONG_ANSWER"]
+        out["pubmedqa", normalize(obj["QUESTION"])].append((_collapse(" ".join(obj["CONTEXTS"])), {gold}))
+    for doc in _raw_json(RAW / "covidqa" / "200423_covidQA.json.gz")["data"]:
+        for para in doc["paragraphs"]:
+            context = _collapse(para["context"])
+            for qa in para["qas"]:
+                out["covidqa", normalize(qa["question"])].append((context, {a["text"] for a in qa["answers"]}))
+    for obj in _raw_json(RAW / "drop" / "drop_contrast_sets_test.json.gz").values():
+        for qa in obj["qa_pairs"]:
+            out["drop", normalize(qa["question"])].append(
+                (_collapse(obj["passage"]), _drop_answer_spellings(qa["answer"])))
+    for obj in _raw_jsonl(RAW / "financebench" / "financebench_open_source.jsonl.gz"):
+        evidence = " ".join(dict.fromkeys(e["evidence_text"] for e in obj["evidence"]))
+        out["financebench", normalize(obj["question"])].append((_collapse(evidence), {obj["answer"]}))
+    return out
+
+
+@pytest.mark.parametrize("build_name", ["full", "windowed"])
+def test_no_fail_answer_is_a_gold_answer_of_the_raw_source(build_name, raw_questions, request):
+    out, _ = request.getfixturevalue(build_name)
+    raw = raw_questions
+    rows = all_rows(out)
+    collapsed = {p: _collapse(p) for p in {r["passage"] for r in rows}}  # each COVID-QA paper once, not per row
+    for r in rows:
+        # The gold answers the raw source gives for this question on this passage (or on the passage it is cut from).
+        passage = collapsed[r["passage"]]
+        matches = [golds for text, golds in raw[r["source_ds"], normalize(r["question"])] if passage in text]
+        assert matches, (r["id"], "not found in data/raw")
+        golds = {normalize(g) for gs in matches for g in gs}
+        if r["label"] == "PASS":
+            assert normalize(r["answer"]) in golds, r["id"]
+        else:
+            assert normalize(r["answer"]) not in golds, (r["id"], r["answer"])
+    labels = defaultdict(set)
+    for r in rows:
+        labels[normalize(r["question"]), collapsed[r["passage"]], normalize(r["answer"])].add(r["label"])
+    assert [key for key, seen in labels.items() if len(seen) > 1] == []
+
+
+def _word_5grams(text):
+    words = text.lower().split()
+    return {tuple(words[i:i + 5]) for i in range(max(1, len(words) - 4))}
+
+
+@pytest.mark.parametrize("build_name", ["full", "windowed"])
+def test_no_near_duplicate_passages_in_two_splits(build_name, request):
+    """Measured here independently of the builder's rule: Jaccard of whitespace word 5-grams, and difflib's ratio of
+    the word sequences, for every pair of passages in different splits that share a 5-gram (a pair sharing none has
+    no matching run of five words, so it is no near-duplicate by either measure)."""
+    out, _ = request.getfixturevalue(build_name)
+    split_of = {r["passage"]: r["split"] for r in all_rows(out)}
+    passages = sorted(split_of)
+    grams = [_word_5grams(p) for p in passages]
+    words = [p.split() for p in passages]
+    word_counts = [Counter(w) for w in words]
+    with_gram = defaultdict(list)
+    for i, g in enumerate(grams):
+        for gram in g:
+            with_gram[gram].append(i)
+    pairs = {(a, b) for ids in with_gram.values() for a, b in combinations(ids, 2)
+             if split_of[passages[a]] != split_of[passages[b]]}
+    assert pairs  # the measure looks at something: passages of different splits do share phrases
+    for a, b in sorted(pairs):
+        jaccard = len(grams[a] & grams[b]) / len(grams[a] | grams[b])
+        assert jaccard < 0.5, (jaccard, passages[a][:200], passages[b][:200])
+        # The share of words the two have in common (as multisets) bounds difflib's ratio from above (it is
+        # SequenceMatcher.quick_ratio, from counts computed once): the slow ratio only runs when it is high.
+        common = sum((word_counts[a] & word_counts[b]).values())
+        if 2 * common / (len(words[a]) + len(words[b])) >= 0.8:
+            ratio = difflib.SequenceMatcher(None, words[a], words[b], autojunk=False).ratio()
+            assert ratio < 0.8, (ratio, passages[a][:200], passages[b][:200])
+
+
+def test_drop_contrast_set_edits_share_a_split(full):
+    """DROP's contrast set writes edited copies of a passage (ids "history_1234_1", "_2", ... of "history_1234"):
+    every copy of one original passage is in the split of the others."""
+    drop = _raw_json(RAW / "drop" / "drop_contrast_sets_test.json.gz")
+    split_of = {_collapse(r["passage"]): r["split"] for r in all_rows(full[0]) if r["source_ds"] == "drop"}
+    by_original = defaultdict(set)
+    for passage_id, obj in drop.items():
+        by_original[re.match(r"[a-z]+_\d+", passage_id).group()].add(split_of[_collapse(obj["passage"])])
+    edited = [pid for pid in drop if re.fullmatch(r"[a-z]+_\d+_\d+", pid)]
+    assert len(edited) >= 10
+    assert all(len(splits) == 1 for splits in by_original.values()), dict(by_original)
+
+
+def test_near_duplicate_clusters():
+    original = ("The Ravens scored first when Terrence West ran for a 2-yard touchdown. The Browns answered with a "
+                "field goal from 40 yards, and the Ravens led 7-3 at the half after a long drive stalled.")
+    edited = original.replace("2-yard", "5-yard").replace("40 yards", "42 yards")
+    unrelated = "Spanish forces scored a series of striking successes in the spring of 1625, taking Breda."
+    window = original.split(". ")[1]  # most of a longer passage's 5-grams are not in it, but all of its own are
+    assert near_duplicate_clusters([original, unrelated, edited, window]) == [0, 1, 0, 0]
+    assert near_duplicate_clusters([unrelated, unrelated.upper()]) == [0, 0]  # case and punctuation do not matter
+    assert near_duplicate_clusters([]) == []
 
 
 def test_files_schema_and_targets(full):

@@ -169,6 +169,22 @@ def test_other_answer_uses_another_question_on_the_passage():
     assert accepted("other_answer", "Barack Obama", ctx(others=[]))[0] is None
 
 
+def test_a_second_gold_answer_of_the_question_is_never_a_fail_answer():
+    # The same question asked twice on one document with two gold answers: neither may be the other's FAIL answer.
+    context = Context("Who met Angela Merkel?", PASSAGE, source="drop", other_answers=("Barack Obama",),
+                      gold_answers=("barack  obama.",))
+    assert check("Obama", Perturbation("Barack Obama", "other_answer", (Edit(0, "Obama", "Barack Obama"),)),
+                 context) == "gold"
+    p, counts = accepted("other_answer", "Obama", context)
+    assert p is None and counts["gold"] == 1
+    context.other_answers = ("Barack Obama", "Angela Merkel")
+    assert accepted("other_answer", "Obama", context)[0].answer == "Angela Merkel"
+    stats = PerturbStats()
+    stats.add("other_answer", "tried", 2)
+    stats.add("other_answer", "gold")
+    assert stats.table()["other_answer"]["rejected_gold"] == 1
+
+
 def test_perturb_is_deterministic_and_covers_all_types():
     gold = "Revenue rose to $1.2 billion on March 3, 2019, while costs increased by 12.5% and Barack Obama was not there"
     context = ctx(others=["21 days"])

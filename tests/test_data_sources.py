@@ -35,7 +35,8 @@ def test_source_specific_fields():
     fin = {r.id: r for r in load_source("financebench")[0]}
     r = fin["financebench-financebench_id_03029"]
     assert r.gold_answer == "$1577.00" and "(1,577)" in r.passage and "\n \n" not in r.passage
-    assert len({r.group for r in fin.values()}) == 84  # grouped by filing
+    assert len({r.extra["doc_name"] for r in fin.values()}) == 84
+    assert len({r.group for r in fin.values()}) == 32  # grouped by company: a filing repeats earlier years' figures
 
 
 def test_render_drop_answer():

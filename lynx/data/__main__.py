@@ -16,8 +16,9 @@ def main(argv=None) -> int:
     b = sub.add_parser(
         "build", help="build train/val/test splits (chat JSONL for training, HaluBench-schema JSONL for evaluation)",
         description="Each kept question gives a PASS example (the gold answer) and a FAIL example (a perturbed "
-                    "answer) on the same passage. No passage or question is in two splits. Same seed and options: "
-                    "byte-identical output.")
+                    "answer) on the same passage. No passage, near-duplicate of a passage or question is in two splits, "
+                    "and no FAIL answer equals a gold answer of its question. Same seed and options: byte-identical "
+                    "output.")
     b.add_argument("--out", required=True, help="output folder (created)")
     b.add_argument("--seed", type=int, default=17, help="seed for row order, perturbations and splits (default 17)")
     b.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES), metavar="SOURCE",

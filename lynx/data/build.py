@@ -9,13 +9,22 @@ lynx.data.perturb (or by a model, lynx.data.model_perturb, when --perturb-model 
 its PASS example so the training labels stay balanced; validation and test keep one pair per question (the same
 files as with K = 1), so evaluations stay comparable.
 
-Splits are made per source over connected groups of questions: two questions about the same passage, or two rows
-with the same question, always land in the same split, so no passage and no question appears in two splits.
+Splits are made per source over connected groups of questions: two questions about the same passage or about
+near-duplicate passages (lynx.data.text.near_duplicate_clusters: DROP's contrast set edits a sentence or two of an
+original passage), or two rows with the same question, always land in the same split, so no passage, no
+near-duplicate of it and no question appears in two splits. With --max-passage-chars the windows shown are grouped
+the same way (two passages can share the sentences a window keeps).
+
+A question can have several gold answers in a source (asked twice on one COVID-QA paper; DROP's contrast set asks
+it again on an identical or edited passage). Every one of them is PASS, and a FAIL answer equal to any of them
+(after lynx.data.text.normalize) is rejected, so no (question, passage, answer) carries both labels. A row repeating
+an earlier row's question, passage and answer is dropped.
 
 Outputs in --out:
   chat_{train,val,test}.jsonl       {"messages": [user: Lynx prompt, assistant: Lynx JSON], "id", "label", ...}
   halubench_{train,val,test}.jsonl  {"id", "passage", "question", "answer", "label", "source_ds"}
-  stats.json                        counts per split/source/label and type, perturbation validity, lengths
+  stats.json                        counts per split/source/label and type, perturbation validity, lengths, and
+                                    what the grouping merged and dropped
 Same seed and options -> byte-identical files.
 """
 
@@ -34,7 +43,7 @@ from tqdm import tqdm
 from lynx.data.perturb import Context, Edit, Perturbation, PerturbStats, perturb
 from lynx.data.reasoning import evidence_span, fail_reasoning, pass_reasoning, target
 from lynx.data.sources import SOURCES, Row, load_source
-from lynx.data.text import normalize, passage_info
+from lynx.data.text import near_duplicate_clusters, normalize, passage_info
 from lynx.prompt import training_messages
 
 SPLITS = ("train", "val", "test")
@@ -77,8 +86,17 @@ def window_passage(passage: str, span: tuple[int, int], max_chars: int) -> str:
             return passage[start:end]
 
 
-def _components(rows: list[Row]) -> dict[str, str]:
-    """Row id -> component key: rows connected by a shared passage group or a shared (normalised) question."""
+def _passage_keys(passages: list[str], prefix: str) -> dict[str, str]:
+    """Passage -> key of its near-duplicate cluster (identical passages share one key)."""
+    unique = sorted(set(passages))  # sorted: the keys do not depend on row order
+    first = near_duplicate_clusters(unique)
+    return {text: f"{prefix}{first[i]}" for i, text in enumerate(unique)}
+
+
+def _components(rows: list[Row], links: dict[str, list[str]] | None = None) -> dict[str, str]:
+    """Row id -> component key: rows connected by a shared passage group, a shared (normalised) question, or a shared
+    key in `links` (row id -> more keys, e.g. near-duplicate clusters). The key is the component's smallest passage
+    group ("g:..."), so a component that gains no new link keeps its key (and its split)."""
     parent: dict[str, str] = {}
 
     def find(x):
@@ -88,10 +106,30 @@ def _components(rows: list[Row]) -> dict[str, str]:
         return x
 
     for row in rows:
-        a, b = find("g:" + row.group), find("q:" + normalize(row.question))
-        if a != b:
-            parent[max(a, b)] = min(a, b)
+        for key in ["q:" + normalize(row.question), *(links or {}).get(row.id, ())]:
+            a, b = find("g:" + row.group), find(key)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
     return {row.id: find("g:" + row.group) for row in rows}
+
+
+def _in_shared_clusters(key_of: dict[str, str]) -> int:
+    """How many distinct passages share their near-duplicate cluster with another passage."""
+    sizes = Counter(key_of.values())
+    return sum(sizes[key] > 1 for key in key_of.values())
+
+
+def _drop_duplicate_rows(rows: list[Row]) -> tuple[list[Row], int]:
+    """The rows without those repeating an earlier row's question, passage and answer (normalised): the same PASS
+    example twice (DROP's contrast set repeats some), with two FAIL answers, would only weigh that question double."""
+    seen, out = set(), []
+    collapsed = {p: " ".join(p.split()) for p in {row.passage for row in rows}}  # COVID-QA papers: once each
+    for row in rows:
+        key = (normalize(row.question), collapsed[row.passage], normalize(row.gold_answer))
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out, len(rows) - len(out)
 
 
 def assign_splits(component_sizes: dict[str, int], fractions, seed: int) -> dict[str, str]:
@@ -107,14 +145,19 @@ def assign_splits(component_sizes: dict[str, int], fractions, seed: int) -> dict
 
 
 def _halueval_fail(row: Row, ctx: Context, rng: random.Random, stats: PerturbStats) -> Perturbation | None:
-    """One of HaluEval's own hallucinated answers (seeded pick); no-ops are rejected like any perturbation."""
+    """One of HaluEval's own hallucinated answers (seeded pick); no-ops and other gold answers of the question are
+    rejected like any perturbation."""
     answers = list(row.extra.get("hallucinated_answers", []))
     rng.shuffle(answers)
+    golds = {normalize(g) for g in ctx.gold_answers}
     for answer in answers:
         p = Perturbation(answer, "hallucinated", (Edit(0, row.gold_answer, answer),))
         stats.add("hallucinated", "tried")
         if normalize(answer) == normalize(row.gold_answer):
             stats.add("hallucinated", "noop")
+            continue
+        if normalize(answer) in golds:
+            stats.add("hallucinated", "gold")
             continue
         stats.add("hallucinated", "accepted")
         return p
@@ -141,9 +184,9 @@ def extra_fail_answers(row: Row, ctx: Context, first: Perturbation, n: int, seed
     seen, out = {normalize(first.answer)}, []
     candidates = []
     if row.source == "halueval":
+        golds = {normalize(g) for g in (row.gold_answer, *ctx.gold_answers)}
         candidates = [Perturbation(a, "hallucinated", (Edit(0, row.gold_answer, a),))
-                      for a in row.extra.get("hallucinated_answers", [])
-                      if normalize(a) != normalize(row.gold_answer)]
+                      for a in row.extra.get("hallucinated_answers", []) if normalize(a) not in golds]
     for attempt in range(4 * n):  # a few draws per wanted variant: some repeat an earlier answer
         if len(out) == n:
             break
@@ -212,7 +255,7 @@ def build(out_dir, *, seed: int = 17, sources=SOURCES, max_per_source: int | Non
     stats = {"seed": seed, "sources": list(sources), "max_per_source": max_per_source,
              "max_passage_chars": max_passage_chars, "split_fractions": list(fractions),
              **({"train_fail_variants": train_fail_variants} if train_fail_variants > 1 else {}),
-             "loader_skipped": {}, "questions": {}, "perturbation": {}}
+             "loader_skipped": {}, "questions": {}, "grouping": {}, "perturbation": {}}
     perturb_stats = PerturbStats()
     examples = []
     for source in sources:
@@ -222,7 +265,11 @@ def build(out_dir, *, seed: int = 17, sources=SOURCES, max_per_source: int | Non
             log(f"skipped malformed row: {message}")
         if len(skipped) > 20:
             log(f"... and {len(skipped) - 20} more malformed rows in {source}")
-        component = _components(rows)
+        rows, duplicates = _drop_duplicate_rows(rows)
+        gold_answers = defaultdict(list)  # normalised question -> every gold answer the source gives for it
+        for row in rows:
+            if row.gold_answer not in gold_answers[normalize(row.question)]:
+                gold_answers[normalize(row.question)].append(row.gold_answer)
         answers_by_group = defaultdict(list)
         for row in rows:
             answers_by_group[row.group].append((row.id, row.gold_answer))
@@ -239,7 +286,8 @@ def build(out_dir, *, seed: int = 17, sources=SOURCES, max_per_source: int | Non
                 passage = window_passage(passage, evidence_span(row.gold_answer, row.question, passage),
                                          max_passage_chars)
             others = tuple(a for rid, a in answers_by_group[row.group] if rid != row.id)
-            ctx = Context(row.question, passage, source=source, other_answers=others)
+            golds = tuple(a for a in gold_answers[normalize(row.question)] if a != row.gold_answer)
+            ctx = Context(row.question, passage, source=source, other_answers=others, gold_answers=golds)
             p = _halueval_fail(row, ctx, rng, source_stats) if source == "halueval" else None
             if p is None:
                 p = perturber(row.gold_answer, ctx, rng, stats=source_stats)
@@ -249,7 +297,27 @@ def build(out_dir, *, seed: int = 17, sources=SOURCES, max_per_source: int | Non
             kept.append((row, passage, p, ctx))
         perturb_stats.merge(source_stats)
         stats["perturbation"][source] = source_stats.table()
-        stats["questions"][source] = {"loaded": len(rows), "kept": len(kept), "no_valid_perturbation": no_fail}
+        stats["questions"][source] = {"loaded": len(rows) + duplicates, "duplicates_dropped": duplicates,
+                                      "kept": len(kept), "no_valid_perturbation": no_fail}
+        # Split groups: passage groups joined by shared questions and by near-duplicate passages (and windows).
+        links = defaultdict(list)
+        raw_key = _passage_keys([row.passage for row in rows], "n:")
+        for row in rows:
+            links[row.id].append(raw_key[row.passage])
+        if max_passage_chars:
+            window_key = _passage_keys([passage for _, passage, *_ in kept], "w:")
+            for row, passage, *_ in kept:
+                links[row.id].append(window_key[passage])
+        component = _components(rows, links)
+        kept_ids = [row.id for row, *_ in kept]
+        without_links = _components(rows)
+        stats["grouping"][source] = {
+            "passages": len(set(raw_key)), "near_duplicate_passages": _in_shared_clusters(raw_key),
+            "split_groups": len({component[i] for i in kept_ids}),
+            "split_groups_merged_by_near_duplicates":
+                len({without_links[i] for i in kept_ids}) - len({component[i] for i in kept_ids}),
+            "questions_with_several_golds": sum(len({normalize(a) for a in g}) > 1 for g in gold_answers.values()),
+        }
         sizes = Counter(component[row.id] for row, *_ in kept)
         split_of = assign_splits(sizes, fractions, seed)
         for row, passage, p, ctx in kept:
@@ -300,16 +368,20 @@ def format_stats(stats: dict) -> str:
         total = sum(sum(c.values()) for c in per.values())
         body = ", ".join(f"{src} {c.get('PASS', 0)}/{c.get('FAIL', 0)}" for src, c in per.items())
         lines.append(f"  {split:5s} {total:6d}: {body}")
-    lines.append("questions loaded / kept / no valid perturbation; malformed rows skipped:")
+    lines.append("questions loaded / duplicates dropped / kept / no valid perturbation; malformed rows skipped:")
     for src, q in stats["questions"].items():
-        lines.append(f"  {src:12s} {q['loaded']:5d} / {q['kept']:5d} / {q['no_valid_perturbation']:4d};"
-                     f" {stats['loader_skipped'][src]['count']}")
+        lines.append(f"  {src:12s} {q['loaded']:5d} / {q['duplicates_dropped']:3d} / {q['kept']:5d} /"
+                     f" {q['no_valid_perturbation']:4d}; {stats['loader_skipped'][src]['count']}")
     lines.append("FAIL types per source: " + "; ".join(
         f"{src}: " + ", ".join(f"{k} {v}" for k, v in c.items()) for src, c in stats["fail_types"].items()))
-    lines.append("perturbation candidates (all sources): type tried accepted noop supported validity")
+    lines.append("split groups per source (of them merged by near-duplicate passages; questions with several gold"
+                 " answers): " + "; ".join(
+                     f"{src} {g['split_groups']} ({g['split_groups_merged_by_near_duplicates']};"
+                     f" {g['questions_with_several_golds']})" for src, g in stats["grouping"].items()))
+    lines.append("perturbation candidates (all sources): type tried accepted noop gold supported validity")
     for kind, t in stats["perturbation"]["all"].items():
         lines.append(f"  {kind:13s} {t['tried']:5d} {t['accepted']:5d} {t['rejected_noop']:4d} "
-                     f"{t['rejected_supported']:4d}  {t['validity_rate']}")
+                     f"{t['rejected_gold']:4d} {t['rejected_supported']:4d}  {t['validity_rate']}")
     lines.append("passage characters per source (median / max): " + ", ".join(
         f"{src} {v['median']}/{v['max']}" for src, v in stats["passage_chars"].items()))
     lines.append(stats["token_lengths_note"])

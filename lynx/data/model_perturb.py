@@ -119,7 +119,7 @@ class ModelPerturber:
             self.failures.append(str(e))
             if stats is not None:
                 reason = str(e).removeprefix("rejected: ")
-                stats.add("model", reason if reason in ("noop", "supported") else "invalid")
+                stats.add("model", reason if reason in ("noop", "gold", "supported") else "invalid")
             return self.fallback(gold, ctx, rng, stats=stats)
         if stats is not None:
             stats.add("model", "accepted")

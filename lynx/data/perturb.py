@@ -1,7 +1,7 @@
 """Hand-written answer perturbations: turn a gold answer into one the passage contradicts or does not support.
 
 Every perturbation type is a generator of candidates for one gold answer; `check` rejects a candidate that changes
-nothing (a no-op) or whose new content the passage still supports; `perturb` tries the types in a seeded order and
+nothing (a no-op), that is another gold answer of the same question, or whose new content the passage still supports; `perturb` tries the types in a seeded order and
 returns the first accepted candidate. Randomness comes only from the `random.Random` passed in, so a build is
 deterministic for a seed.
 
@@ -64,7 +64,10 @@ class Context:
     question: str
     passage: str
     source: str = ""
-    other_answers: tuple[str, ...] = ()
+    other_answers: tuple[str, ...] = ()  # gold answers of the other questions about this passage
+    # Every gold answer the source gives for this question: a question asked twice on one document can have two
+    # (COVID-QA, DROP's contrast set), and a FAIL answer equal to any of them would be a correct answer labelled FAIL.
+    gold_answers: tuple[str, ...] = ()
 
     @property
     def info(self):
@@ -544,7 +547,9 @@ def _window(text: str, start: int, length: int, n_words: int = 3) -> str:
 
 
 def check(gold: str, p: Perturbation, ctx: Context) -> str | None:
-    """Why the candidate must be rejected ("noop" or "supported"), or None when it is a valid FAIL answer.
+    """Why the candidate must be rejected ("noop", "gold" or "supported"), or None when it is a valid FAIL answer.
+
+    Gold means: the new answer equals (after `normalize`) another gold answer of the same question, ctx.gold_answers.
 
     Supported means: the new content, read with the words around it, is still in the passage (e.g. "no significant
     difference" -> "a significant difference" while the passage says "a significant difference"); the whole new
@@ -553,6 +558,8 @@ def check(gold: str, p: Perturbation, ctx: Context) -> str | None:
     """
     if normalize(p.answer) == normalize(gold) or all(normalize(e.before) == normalize(e.after) for e in p.edits):
         return "noop"
+    if normalize(p.answer) in {normalize(g) for g in ctx.gold_answers}:
+        return "gold"
     info = ctx.info
     if p.kind == "added_claim":
         claim = p.edits[0].after.strip(" .")
@@ -584,7 +591,7 @@ def check(gold: str, p: Perturbation, ctx: Context) -> str | None:
 # ----------------------------------------------------------------------------------------------------- statistics
 
 class PerturbStats:
-    """Per type: candidates tried / accepted / rejected (noop, supported), and rows where the type proposed at
+    """Per type: candidates tried / accepted / rejected (noop, gold, supported), and rows where the type proposed at
     least one candidate vs rows where it produced the accepted one."""
 
     def __init__(self):
@@ -604,7 +611,7 @@ class PerturbStats:
             tried = c["tried"]
             out[kind] = {"rejected_invalid": c["invalid"]} if c["invalid"] else {}  # unparsable model output
             out[kind] |= {
-                "tried": tried, "accepted": c["accepted"], "rejected_noop": c["noop"],
+                "tried": tried, "accepted": c["accepted"], "rejected_noop": c["noop"], "rejected_gold": c["gold"],
                 "rejected_supported": c["supported"], "rows_applicable": c["rows_applicable"],
                 "validity_rate": round(c["accepted"] / tried, 4) if tried else None,
                 "rejection_rate": round((tried - c["accepted"]) / tried, 4) if tried else None,

@@ -218,13 +218,14 @@ def _clean_evidence(text: str) -> str:
 
 def load_financebench(raw_dir: Path = DEFAULT_RAW_DIR):
     """FinanceBench open sample. The passage is the evidence texts (not the full pages). Questions about the same
-    filing share a group, because their evidence pages overlap."""
+    company share a group: evidence pages of one filing overlap, and a filing repeats the figures of the years before
+    it (PepsiCo's FY2022 10-K shows FY2021's cash flows, the subject of a question on the FY2021 10-K)."""
     path = Path(raw_dir) / "financebench" / "financebench_open_source.jsonl"
     rows, skipped = [], []
     for lineno, obj in _read_jsonl(path, skipped):
         try:
             question, gold = _text(obj, "question"), _text(obj, "answer")
-            fid, doc_name = _text(obj, "financebench_id"), _text(obj, "doc_name")
+            fid, doc_name, company = _text(obj, "financebench_id"), _text(obj, "doc_name"), _text(obj, "company")
             evidence = obj.get("evidence")
             if not isinstance(evidence, list) or not evidence:
                 raise Malformed("no evidence")
@@ -237,7 +238,7 @@ def load_financebench(raw_dir: Path = DEFAULT_RAW_DIR):
             skipped.append(f"{path.name}:{lineno}: {e}")
             continue
         rows.append(Row(f"financebench-{fid}", "financebench", question, "\n\n".join(texts), gold,
-                        f"financebench-{doc_name}", {"doc_name": doc_name}))
+                        f"financebench-{company}", {"doc_name": doc_name, "company": company}))
     return rows, skipped
 
 

@@ -1,10 +1,12 @@
 """Small text helpers shared by perturbation, reasoning and the builder: normalisation for containment checks,
-sentence spans, content words, and a per-passage cache."""
+sentence spans, content words, a per-passage cache, and near-duplicate passage clusters."""
 
 from __future__ import annotations
 
 import re
+from collections import Counter, defaultdict
 from functools import lru_cache
+from itertools import chain
 
 STOPWORDS = frozenset(
     """a an the and or but if of to in on at by for with from as is are was were be been being this that these those
@@ -139,3 +141,48 @@ def quote(text: str, max_chars: int = 300) -> str:
         cut = text[:max_chars].rsplit(" ", 1)[0]
         text = cut + " ..."
     return text
+
+
+def word_shingles(text: str, n: int = 5) -> frozenset[str]:
+    """The text's runs of n consecutive words, lowercased (the whole text when it has fewer words). Words are runs of
+    word characters, so punctuation, quotes and line breaks do not matter."""
+    tokens = WORD_RUN.findall(text.lower())
+    return frozenset(" ".join(tokens[i:i + n]) for i in range(max(1, len(tokens) - n + 1)))
+
+
+def near_duplicate_clusters(texts: list[str], min_overlap: float = 0.5, n: int = 5) -> list[int]:
+    """For each text, the index of the first text of its near-duplicate cluster.
+
+    Two texts are near-duplicates when at least `min_overlap` of the smaller one's word 5-grams are also in the
+    other (the overlap coefficient of their `word_shingles`); clusters are the transitive closure. Editing a word
+    breaks only the n-grams through it, so a passage with a sentence or two rewritten (DROP's contrast set) still
+    shares most of them, while unrelated passages share almost none (measured on data/raw: contrast-set edits
+    0.84-0.99, other pairs of different passage groups at most 0.6). Measuring against the smaller text also
+    catches a passage that mostly repeats a shorter one (a window, or a shared Wikipedia paragraph).
+    Exact: every pair sharing an n-gram is counted through an inverted index, so the cost follows the shared
+    n-grams, not the number of pairs.
+    """
+    shingles = [word_shingles(t, n) for t in texts]
+    repeated = {g for g, count in Counter(chain.from_iterable(shingles)).items() if count > 1}
+    texts_with = defaultdict(list)  # only n-grams of two texts or more can make a pair
+    for i, s in enumerate(shingles):
+        for g in s & repeated:
+            texts_with[g].append(i)
+    shared = Counter()
+    for ids in texts_with.values():
+        for a in range(len(ids)):
+            for b in range(a + 1, len(ids)):
+                shared[ids[a], ids[b]] += 1
+    parent = list(range(len(texts)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for (a, b), count in shared.items():
+        if count >= min_overlap * min(len(shingles[a]), len(shingles[b])):
+            ra, rb = root(a), root(b)
+            parent[max(ra, rb)] = min(ra, rb)  # the smaller index stays the root: the cluster's first text
+    return [root(i) for i in range(len(texts))]
