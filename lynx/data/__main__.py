@@ -1,4 +1,5 @@
-"""python -m lynx.data build --out DIR --seed 17 [--sources ...]: build HaluBench-style PASS/FAIL data."""
+"""python -m lynx.data build --out DIR --seed 17 [--sources ...]: build HaluBench-style PASS/FAIL data.
+python -m lynx.data map DIR: draw a built dataset (DIR/map.html and DIR/map.png)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ def main(argv=None) -> int:
     b = sub.add_parser(
         "build", help="build train/val/test splits (chat JSONL for training, HaluBench-schema JSONL for evaluation)",
         description="Each kept question gives a PASS example (the gold answer) and a FAIL example (a perturbed "
-                    "answer) on the same passage. No passage, near-duplicate of a passage or question is in two splits, "
-                    "and no FAIL answer equals a gold answer of its question. Same seed and options: byte-identical "
-                    "output.")
+                    "answer) on the same passage. No passage, near-duplicate of a passage or question is in two "
+                    "splits, and no FAIL answer equals a gold answer of its question. Same seed and options: "
+                    "byte-identical output.")
     b.add_argument("--out", required=True, help="output folder (created)")
     b.add_argument("--seed", type=int, default=17, help="seed for row order, perturbations and splits (default 17)")
     b.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES), metavar="SOURCE",
@@ -40,7 +41,28 @@ def main(argv=None) -> int:
                    help="Hugging Face Llama checkpoint folder (with its tokenizer) to write the FAIL answers; "
                         "hand-written perturbation is the fallback when its output is invalid")
     b.add_argument("--perturb-max-new-tokens", type=int, default=256, help="generation budget per model answer")
+    m = sub.add_parser(
+        "map", help="draw a built dataset: DIR/map.html (interactive, self-contained) and DIR/map.png",
+        description="Every row of the built dataset in DIR (all halubench_*.jsonl splits) becomes a point of a 2-D "
+                    "projection of its text (TF-IDF of question, answer and passage start, truncated SVD), coloured "
+                    "by source, label, perturbation type or split. Beside it: counts per source, split, label and "
+                    "perturbation type, and passage and prompt length histograms. map.html is one file with its data "
+                    "and script inline (open it in a browser, no server or network needed; hover a point to see its "
+                    "question, answer and label); map.png shows the same in three scatter panels and bar charts.")
+    m.add_argument("dir", metavar="DIR", help="folder written by `python -m lynx.data build --out DIR`")
     args = parser.parse_args(argv)
+
+    if args.command == "map":
+        from lynx.data.map import write_map  # scikit-learn and matplotlib are needed only here
+
+        start = time.perf_counter()
+        try:
+            html_path, png_path = write_map(args.dir)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"wrote {html_path} and {png_path} in {time.perf_counter() - start:.1f}s")
+        return 0
 
     perturber = None
     if args.perturb_model:
