@@ -394,28 +394,12 @@ class Judge:
             verdicts.append(Verdict(score, reasoning, p_pass, raw))
         return verdicts
 
-    @torch.no_grad()
     def _judge_fast(self, prompts: list[list[int]], progress=None) -> list[Verdict]:
         """p_pass at the end of each prompt (which ends with the forced prefix), packed pack_tokens to a forward
         pass with their common prefix shared."""
-        from lynx.sft_data import IGNORE_INDEX, Example, collate, pack, shared_prefix
-
-        examples = [Example(ids, [IGNORE_INDEX] * len(ids)) for ids in prompts]
-        prefix = shared_prefix(examples)
-        seq_len = max(self.pack_tokens, max(map(len, prompts)))
-        pass_ids, fail_ids = self.fast_score_ids
         p_pass = [0.0] * len(prompts)
-        for seq in pack(examples, seq_len, prefix):
-            batch = collate([seq], len(seq))
-            ends = torch.tensor(seq.lengths).cumsum(0) + len(prefix) - 1  # each prompt's last position
-            logits = self.model(
-                batch["input_ids"].to(self.device), position_ids=batch["position_ids"].to(self.device),
-                attn_kwargs={"cu_seqlens": batch["cu_seqlens"].to(self.device), "prefix_len": batch["prefix_len"]},
-                logit_positions=ends.to(self.device),
-            )[0].double()
-            lp = torch.logsumexp(logits[:, pass_ids], -1)
-            lf = torch.logsumexp(logits[:, fail_ids], -1)
-            for i, p in zip(seq.indices, torch.sigmoid(lp - lf).tolist()):
+        for seq in pack_prompts(prompts, self.pack_tokens):
+            for i, p in packed_p_pass(self.model, seq, self.fast_score_ids, self.device):
                 p_pass[i] = p
             if progress:
                 progress(len(seq.indices))
@@ -424,3 +408,30 @@ class Judge:
             score = "PASS" if p >= 0.5 else "FAIL"
             verdicts.append(Verdict(score, [], p, f'{FAST_PREFIX}{score}"}}'))
         return verdicts
+
+
+def pack_prompts(prompts: list[list[int]], pack_tokens: int = 4096) -> list:
+    """Prompts packed into sequences of pack_tokens (or the longest prompt), their common prefix once per sequence
+    (lynx.sft_data.PackedSequence; `indices` says which prompts each holds)."""
+    from lynx.sft_data import IGNORE_INDEX, Example, pack, shared_prefix
+
+    examples = [Example(ids, [IGNORE_INDEX] * len(ids)) for ids in prompts]
+    return pack(examples, max(pack_tokens, max(map(len, prompts))), shared_prefix(examples))
+
+
+@torch.no_grad()
+def packed_p_pass(model, seq, score_ids: tuple[list[int], list[int]], device) -> list[tuple[int, float]]:
+    """(prompt index, p_pass) for each prompt of one packed sequence: one forward pass, logits read at each
+    prompt's last position only. score_ids: the PASS and FAIL token ids (`fast_score_tokens`)."""
+    from lynx.sft_data import collate
+
+    batch = collate([seq], len(seq))
+    ends = torch.tensor(seq.lengths).cumsum(0) + seq.prefix_len - 1
+    logits = model(
+        batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+        attn_kwargs={"cu_seqlens": batch["cu_seqlens"].to(device), "prefix_len": batch["prefix_len"]},
+        logit_positions=ends.to(device),
+    )[0].double()
+    pass_ids, fail_ids = score_ids
+    p = torch.sigmoid(torch.logsumexp(logits[:, pass_ids], -1) - torch.logsumexp(logits[:, fail_ids], -1))
+    return list(zip(seq.indices, p.tolist()))

@@ -10,7 +10,8 @@ Two kinds of rows, told apart by their keys:
 
 Rows are split across ranks; every rank runs the same number of forward passes (FSDP2's collectives pair them up),
 padding its share with a repeat of its last row whose result is dropped. One example per forward pass (no padding,
-plain causal attention), `last_logits_only` for the judge rows.
+plain causal attention) for chat rows; judge rows are packed 4096 tokens to a pass with their common prefix shared,
+as the judge's fast mode does (lynx.judge.packed_p_pass).
 """
 
 from __future__ import annotations
@@ -90,26 +91,28 @@ class Evaluator:
 
     @torch.no_grad()
     def run(self, model, device) -> dict:
+        from lynx.judge import pack_prompts, packed_p_pass
+
         was_training = model.training
         model.eval()
-        mine = list(range(self.rank, len(self.examples), self.world))
-        per_rank = math.ceil(len(self.examples) / self.world)
         results = []  # (example index, loss sum, target tokens, p_pass)
-        for j in range(per_rank):
-            i = mine[min(j, len(mine) - 1)] if mine else 0
-            ids, labels, label = self.examples[i]
-            input_ids = torch.tensor([ids], device=device)
-            if label is None:
-                loss = model(input_ids, torch.tensor([labels], device=device), reduction="sum")
-                n = sum(1 for x in labels[1:] if x != sft_data.IGNORE_INDEX)
-                result = (i, float(loss), n, None)
-            else:
-                logits = model(input_ids, last_logits_only=True)[0, -1].double()
-                lp = torch.logsumexp(logits[self.pass_ids], 0)
-                lf = torch.logsumexp(logits[self.fail_ids], 0)
-                result = (i, 0.0, 0, float(torch.sigmoid(lp - lf)))
-            if j < len(mine):
-                results.append(result)
+        if self.kind == "judge":
+            sequences = pack_prompts([ids for ids, _, _ in self.examples])
+            mine = sequences[self.rank :: self.world]
+            for j in range(math.ceil(len(sequences) / self.world)):
+                seq = mine[min(j, len(mine) - 1)] if mine else sequences[0]
+                out = packed_p_pass(model, seq, (self.pass_ids, self.fail_ids), device)
+                if j < len(mine):
+                    results += [(i, 0.0, 0, p) for i, p in out]
+        else:
+            mine = list(range(self.rank, len(self.examples), self.world))
+            for j in range(math.ceil(len(self.examples) / self.world)):
+                i = mine[min(j, len(mine) - 1)] if mine else 0
+                ids, labels, _ = self.examples[i]
+                loss = model(torch.tensor([ids], device=device), torch.tensor([labels], device=device),
+                             reduction="sum")
+                if j < len(mine):
+                    results.append((i, float(loss), sum(1 for x in labels[1:] if x != sft_data.IGNORE_INDEX), None))
         gathered = [None] * self.world
         dist.all_gather_object(gathered, results)
         if was_training:
