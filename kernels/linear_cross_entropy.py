@@ -1,8 +1,9 @@
 """Fused linear + cross-entropy: the loss of `hidden @ weight.T` without ever materialising the [N, V] logits.
 
 With Llama-3's 128,256-token vocabulary, 8,192 tokens of fp32 logits take 4.2 GB and their gradient as much again.
-Here the logits only ever exist as one [token chunk, vocab block] tile at a time:
+Here the logits only ever exist as one tile at a time, along one of two paths, picked by the memory they would use:
 
+4-matmul path (vocab blocks outside; [token chunk, vocab block] tiles):
     forward   for each vocab block: z = h @ W_b.T -> online log-sum-exp per token (lse [N], fp32)
               loss_i = lse_i - h_i . W[y_i]         (target logit as an fp32 dot product)
     backward  for each vocab block: recompute z, dz = (softmax(z) - onehot(y)) * g   (g = dloss/dloss_i)
@@ -10,13 +11,23 @@ Here the logits only ever exist as one [token chunk, vocab block] tile at a time
               dW_b = dz.T @ h  (one matmul over all tokens, fp32 accumulation inside it; with several token chunks
                                 the partial products are summed in a small fp32 [vocab block, H] accumulator)
 
-Why recompute in backward (Cut-Cross-Entropy style) rather than computing the gradients during forward (Liger
-style), decided by measurement on the 2-core AVX-512-BF16 CPU this project is developed on, at N=4096, H=1024,
-V=128256, bf16 (benchmarks/bench_fused_linear_cross_entropy.py; numbers in its docstring):
-  - Liger style needs only 3 matmuls (logits, dh, dW) against our 4 (logits twice), but it walks token chunks over
-    the whole vocabulary, so dW has to be summed across chunks in a [V, H] fp32 buffer: 525 MB here, next to the
-    262 MB bf16 dW itself, while plain torch peaks at ~3.0 GB above its inputs and the target is 0.2x that. Its
-    dW matmul also has only K = chunk tokens: 120 GFLOP/s at K=256 against 334 GFLOP/s at K=4096 (quiet machine).
+3-matmul path (token chunks outside; [token chunk, V] tiles; the gradients computed in forward, Liger style):
+    forward   for each token chunk: z = h_c @ W.T over the whole vocabulary -> its exact lse, loss, and
+              dz = (softmax(z) - onehot(y)) * g written over z;  dh_c = dz @ W;  dW^T += h_c^T @ dz (fp32 [H, V]
+              accumulator when there are several chunks)
+    backward  scale dh and dW by the incoming gradient
+  Taken when its buffers (the tile, the accumulator, one [H, vocab block] partial product) fit THREE_MATMUL_BYTES
+  (256 MiB), and only when a gradient is wanted (under torch.no_grad forward is the 4-matmul path's single matmul).
+  At SmolLM2's head (V=49,152, H=576; accumulator 113 MB) it runs; at Llama-3's 128,256 x 1,024 (525 MB) it does
+  not, unless the output projection is frozen (no dW, no accumulator).
+
+Why the 4-matmul path exists (recompute in backward, Cut-Cross-Entropy style), decided by measurement on the 2-core
+AVX-512-BF16 CPU this project is developed on, at N=4096, H=1024, V=128256, bf16
+(benchmarks/bench_fused_linear_cross_entropy.py; numbers in its docstring):
+  - The 3-matmul path walks token chunks over the whole vocabulary, so dW has to be summed across chunks in a
+    [V, H] fp32 buffer: 525 MB here, next to the 262 MB bf16 dW itself, while plain torch peaks at ~3.0 GB above its
+    inputs and the target is 0.2x that. Its dW matmul also has only K = chunk tokens: 120 GFLOP/s at K=256 against
+    334 GFLOP/s at K=4096 (quiet machine).
   - With vocab blocks outside, the final log-sum-exp must exist before any softmax, hence two passes and the extra
     matmul - but each vocab block's dW comes out of one matmul over all tokens, written straight into the output,
     and the only other buffers are one logits tile and dh's fp32 accumulator: ~0.4 GB peak here (0.13x naive).
@@ -28,6 +39,11 @@ matmul work of a 3-matmul method. Measured on the quiet 2-core CPU (2 threads): 
 against 13.4 s naive, 11.7 s chunked-compiled and 9.5 s cut-cross-entropy; peak extra memory 0.37 GB against 3.0 /
 1.3 / 1.3 GB. Our 4.3 TFLOP in 11.9 s is already ~360 GFLOP/s: matching 9.5 s would take 455 GFLOP/s, and the
 fastest bf16 matmul measured on this CPU (the loss's own [4096, 1024] x [1024, 2048] tile) runs at 381.
+Why the 3-matmul path where it fits: with a small vocabulary and hidden size its accumulator is small, and the
+extra matmul made the 4-matmul path slower than plain torch. SmolLM2's head, N=4096, H=576, V=49152, bf16, on the
+same CPU but under load from other jobs (so ratios, not times; benchmarks/bench_fused_linear_cross_entropy.py
+--smollm2): 3-matmul path (3 chunks of 1,366 tokens) 0.88x naive torch's time at 0.34x its peak extra memory
+(403 against 1,170 MB), cut-cross-entropy 0.75x at 0.39x; the 4-matmul path 1.22x at 0.10x.
 Ignored tokens are dropped before any matmul.
 
 Backends: "torch" is the pure-torch twin (the CPU path and the test oracle). "triton" runs the per-tile softmax /
@@ -58,6 +74,36 @@ def tile_sizes(n_tokens: int, vocab: int) -> tuple[int, int]:
     vocab_block = TILE_ELEMENTS // token_chunk
     vocab_block = max(MIN_VOCAB_BLOCK, min(MAX_VOCAB_BLOCK, vocab_block, vocab))
     return token_chunk, max(1, min(vocab_block, vocab))
+
+
+# The 3-matmul path (see the module docstring) is taken when its buffers fit this budget: the [token chunk, V]
+# logits tile (the gradient is written over it), one [vocab block, H] partial product of dW, and its [H, V] or
+# [V, H] accumulator (fp32 over several token chunks). 256 MiB: SmolLM2's 49,152 x 576 head (fp32 accumulator
+# 113 MB) runs in 1,366-token chunks at N=4096; Llama-3's 128,256 x 1,024 (525 MB) does not fit and keeps the
+# 4-matmul path's ~0.4 GB peak, unless dW is not needed (a frozen output projection: no accumulator).
+THREE_MATMUL_BYTES = 256 * 2**20
+MIN_THREE_MATMUL_CHUNK = 256  # dW's matmul runs over K = token chunk: shorter chunks make it inefficient
+# dW as (h^T @ dz)^T above this many tokens per chunk, as dz^T @ h at or below (see loss_and_grads_three_matmul).
+TRANSPOSED_DW_MIN_CHUNK = 512
+
+
+def three_matmul_chunk(n_tokens: int, hidden_size: int, vocab: int, itemsize: int, need_dweight: bool) -> int | None:
+    """Token chunk of the 3-matmul path, or None when its buffers would not fit THREE_MATMUL_BYTES (or there are no
+    tokens): then the 4-matmul path runs. Chunks are balanced (the last one is not a small remainder)."""
+    if n_tokens == 0:
+        return None
+    row = vocab * itemsize  # one token's row of the logits tile
+    partial = hidden_size * min(vocab, MAX_VOCAB_BLOCK) * itemsize if need_dweight else 0
+    # One chunk: dW is written directly, or (long chunk) as dW^T in the input dtype, transposed at the end.
+    single = vocab * hidden_size * itemsize if need_dweight and n_tokens > TRANSPOSED_DW_MIN_CHUNK else 0
+    if n_tokens * row + partial + single <= THREE_MATMUL_BYTES:
+        return n_tokens
+    accumulator = vocab * hidden_size * 4 if need_dweight else 0
+    chunk = (THREE_MATMUL_BYTES - partial - accumulator) // row
+    if chunk < min(MIN_THREE_MATMUL_CHUNK, n_tokens):
+        return None
+    n_chunks = -(-n_tokens // chunk)
+    return -(-n_tokens // n_chunks)
 
 
 # --- per-tile math, pure torch (the twin of the Triton kernels) -------------------------------------------------
@@ -92,9 +138,10 @@ def _tile_lse(z):
 
 
 def _tile_grad(z, lse, target_col, g):
+    """Writes the gradient over z (a temporary) and returns it: one pass, no second tile in memory."""
     p = torch.exp(z.float() - lse[:, None]) * g[:, None]
     is_target = torch.arange(z.shape[1], device=z.device)[None, :] == target_col[:, None]
-    return torch.where(is_target, p - g[:, None], p).to(z.dtype)
+    return z.copy_(torch.where(is_target, p - g[:, None], p))
 
 
 _compiled = {}
@@ -188,30 +235,118 @@ def loss_grads(hidden, weight, targets, lse, g, backend: str, need_dhidden: bool
     return dhidden, dweight
 
 
+def loss_and_grads_three_matmul(hidden, weight, targets, g, backend: str, need_dhidden: bool, need_dweight: bool,
+                                chunk: int):
+    """The 3-matmul path, in forward: per token chunk, the logits over the whole vocabulary (matmul 1), their exact
+    log-sum-exp, the gradient of the logits written over them, dh = dz @ W (matmul 2, K = V: one rounding) and dW
+    (matmul 3, per vocab block). Returns (sum of token losses, dhidden, dweight), the gradients those of
+    sum_i g_i * loss_i in the input dtype (None where not needed).
+
+    dW's orientation: this CPU's oneDNN runs dz^T @ h (a transposed operand) at about half the rate of h^T @ dz once
+    K = chunk tokens is long (174 against 303 GFLOP/s at 2,048 tokens, SmolLM2's head; equal at 256). So long chunks
+    accumulate dW^T and transpose it once at the end (~80 ms there), short ones write dW directly."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    update_lse, grad_logits = _tile_ops(backend, hidden.device, N * V)
+    lse = torch.full((N,), float("-inf"), dtype=torch.float32, device=hidden.device)
+    dhidden = torch.empty_like(hidden) if need_dhidden else None
+    dweight = acc = None
+    transposed, single = chunk > TRANSPOSED_DW_MIN_CHUNK, chunk >= N
+    if need_dweight:
+        dweight = torch.empty_like(weight)
+        if not single:  # several chunks: summed in fp32
+            acc = torch.zeros((H, V) if transposed else (V, H), dtype=torch.float32, device=weight.device)
+        elif transposed:
+            acc = torch.empty((H, V), dtype=weight.dtype, device=weight.device)
+    for t0 in range(0, N, chunk):
+        t1 = min(t0 + chunk, N)
+        h = hidden[t0:t1]
+        z = h @ weight.T
+        update_lse(z, lse[t0:t1])
+        dz = grad_logits(z, lse[t0:t1], targets[t0:t1], g[t0:t1], 0)
+        del z
+        if need_dhidden:
+            torch.mm(dz, weight, out=dhidden[t0:t1])
+        if need_dweight:
+            h_t = h.T.contiguous() if transposed else None
+            for v0 in range(0, V, MAX_VOCAB_BLOCK):  # vocab blocks: the partial product stays small
+                v1 = min(v0 + MAX_VOCAB_BLOCK, V)
+                block = dz[:, v0:v1]
+                if acc is None:  # one short chunk: straight into dW
+                    torch.mm(block.T, h, out=dweight[v0:v1])
+                elif single:  # one long chunk: dW^T in the input dtype
+                    acc[:, v0:v1] = h_t @ block
+                elif dz.dtype == torch.float32:
+                    (acc[:, v0:v1].addmm_(h_t, block) if transposed else acc[v0:v1].addmm_(block.T, h))
+                else:  # low-precision matmul (fp32 inside), summed over token chunks in fp32
+                    if transposed:
+                        acc[:, v0:v1] += h_t @ block
+                    else:
+                        acc[v0:v1] += block.T @ h
+        del dz
+    if acc is not None:
+        if transposed:  # a transposing copy is slow on CPU (~60 ms for SmolLM2's dW in bf16): do it in the out dtype
+            dweight.copy_(acc.to(weight.dtype).T)
+        else:
+            dweight.copy_(acc)
+    loss = (lse - target_logits(hidden, weight, targets)).sum()
+    return loss, dhidden, dweight
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """Ignored tokens are dropped up front (one host sync to count them): their loss and gradients are zero, so
-    every matmul runs over the kept rows only. In SFT, where prompts are masked, that is most of the work saved."""
+    every matmul runs over the kept rows only. In SFT, where prompts are masked, that is most of the work saved.
+
+    need_grads: (dhidden, dweight) wanted (grad mode on and the input requires grad; ctx.needs_input_grad does not
+    see torch.no_grad). With either wanted, the 3-matmul path runs when its buffers fit THREE_MATMUL_BYTES: the
+    gradients are computed here and only scaled by the incoming gradient in backward. Otherwise forward is the
+    log-sum-exp pass and backward the second pass of the 4-matmul path."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index: int, reduction: str, backend: str):
+    def forward(ctx, hidden, weight, targets, ignore_index: int, reduction: str, backend: str, need_grads):
         valid = targets != ignore_index
         n_valid = int(valid.sum())
         keep = None if n_valid == hidden.shape[0] else valid.nonzero().squeeze(1)
         h, y = (hidden, targets) if keep is None else (hidden[keep], targets[keep])
-        lse = logsumexp_over_vocab(h, weight, backend)
-        loss = (lse - target_logits(h, weight, y)).sum()
-        if reduction == "mean":  # over kept tokens; none kept: the sum is 0 and so are the gradients (never 0/0)
-            loss = loss / max(n_valid, 1)
-        ctx.save_for_backward(hidden, weight, y, lse, keep)
+        scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0  # none kept: 0 loss, 0 gradients (never 0/0)
+        need_dhidden, need_dweight = need_grads
+        chunk = None
+        if need_dhidden or need_dweight:
+            chunk = three_matmul_chunk(h.shape[0], h.shape[1], weight.shape[0], h.element_size(), need_dweight)
+        ctx.three_matmul = chunk is not None
         ctx.n_valid, ctx.reduction, ctx.backend = n_valid, reduction, backend
+        if chunk is not None:
+            g = torch.full((h.shape[0],), scale, dtype=torch.float32, device=h.device)
+            loss, dh, dweight = loss_and_grads_three_matmul(h, weight, y, g, backend, need_dhidden, need_dweight,
+                                                            chunk)
+            ctx.hidden_shape = hidden.shape
+            ctx.save_for_backward(dh, dweight, keep)
+        else:
+            lse = logsumexp_over_vocab(h, weight, backend)
+            loss = (lse - target_logits(h, weight, y)).sum()
+            ctx.save_for_backward(hidden, weight, y, lse, keep)
+        if reduction == "mean":
+            loss = loss / max(n_valid, 1)
         return loss  # fp32 whatever the input dtype: a bf16 loss near 12 would be off by up to 0.03
 
     @staticmethod
     def backward(ctx, grad_loss):
+        nones = (None,) * 5
+        if ctx.three_matmul:
+            dh, dweight, keep = ctx.saved_tensors
+            if bool(grad_loss != 1):  # e.g. the trainer's 1 / (target tokens): one more rounding in bf16
+                # (computed in fp32 per element, no fp32 copy; not in place, so a retained graph can run it again)
+                dh = None if dh is None else dh * grad_loss.float()
+                dweight = None if dweight is None else dweight * grad_loss.float()
+            dhidden = dh
+            if dh is not None and keep is not None:
+                dhidden = dh.new_zeros(ctx.hidden_shape)
+                dhidden[keep] = dh
+            return dhidden, dweight, *nones
         hidden, weight, y, lse, keep = ctx.saved_tensors
         need_dhidden, need_dweight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dhidden or need_dweight):
-            return None, None, None, None, None, None
+            return None, None, *nones
         h = hidden if keep is None else hidden[keep]
         scale = grad_loss.float() / max(ctx.n_valid, 1) if ctx.reduction == "mean" else grad_loss.float()
         g = scale.expand(h.shape[0]).contiguous()
@@ -220,7 +355,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         if need_dhidden and keep is not None:
             dhidden = torch.zeros_like(hidden)
             dhidden[keep] = dh
-        return dhidden, dweight, None, None, None, None
+        return dhidden, dweight, *nones
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -289,6 +424,9 @@ def fused_linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, re
     """
     _check_inputs(hidden, weight, targets, ignore_index, reduction)
     backend = _resolve_backend(backend, hidden.device)
+    grad = torch.is_grad_enabled()
+    need_grads = (grad and hidden.requires_grad, grad and weight.requires_grad)
     return FusedLinearCrossEntropy.apply(
-        hidden.contiguous(), weight.contiguous(), targets.long().contiguous(), ignore_index, reduction, backend
+        hidden.contiguous(), weight.contiguous(), targets.long().contiguous(), ignore_index, reduction, backend,
+        need_grads,
     )

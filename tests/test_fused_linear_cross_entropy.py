@@ -55,6 +55,39 @@ def small_tiles(monkeypatch_setattr):
     monkeypatch_setattr(flce_module, "MIN_VOCAB_BLOCK", 37)
 
 
+PATHS = ("four", "three", "three_t", "three_chunked", "three_chunked_t")
+
+
+def force_path(monkeypatch_setattr, path, chunk=40):
+    """Which path the loss takes: "four" (logits recomputed in backward), "three" (gradients in forward, one token
+    chunk: what the default budget gives these small shapes) or "three_chunked" (gradients in forward over token
+    chunks of `chunk` tokens, the last one ragged, and dW in vocab blocks of 300 columns accumulated in fp32; the
+    budget arithmetic that picks chunks is test_path_choice_by_memory's). "_t": dW computed transposed (as long
+    chunks do)."""
+    if path.endswith("_t"):
+        monkeypatch_setattr(flce_module, "TRANSPOSED_DW_MIN_CHUNK", 0)
+        path = path.removesuffix("_t")
+    if path == "four":
+        monkeypatch_setattr(flce_module, "THREE_MATMUL_BYTES", 0)
+    elif path == "three_chunked":
+        monkeypatch_setattr(flce_module, "MAX_VOCAB_BLOCK", 300)
+        monkeypatch_setattr(flce_module, "three_matmul_chunk", lambda n, *_: min(n, chunk) if n else None)
+    else:
+        assert path == "three", path
+
+
+def count_three_matmul_calls(monkeypatch_setattr) -> list:
+    """Record every run of the 3-matmul path (its token chunk)."""
+    calls, three = [], flce_module.loss_and_grads_three_matmul
+
+    def spy(*args):
+        calls.append(args[-1])
+        return three(*args)
+
+    monkeypatch_setattr(flce_module, "loss_and_grads_three_matmul", spy)
+    return calls
+
+
 def assert_matches_reference(backend, N, H, V, reduction, dtype=torch.float32):
     hidden, weight, targets = make_inputs(N, H, V, dtype=dtype)
     loss, dh, dw = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, reduction=reduction,
@@ -91,6 +124,9 @@ def assert_low_precision_no_worse_than_torch(backend, N, H, V, dtype):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("tiles", ["default", "small"])
 def test_torch_matches_fp32_reference(shape, reduction, tiles, monkeypatch):
+    """The 4-matmul path (vocab blocks outside, logits recomputed in backward)."""
+    force_path(monkeypatch.setattr, "four")
+    calls = count_three_matmul_calls(monkeypatch.setattr)
     if tiles == "small":
         small_tiles(monkeypatch.setattr)
         if shape[2] > 2000:  # fewer, still ragged, vocab blocks: keeps the test fast
@@ -98,28 +134,78 @@ def test_torch_matches_fp32_reference(shape, reduction, tiles, monkeypatch):
         token_chunk, vocab_block = flce_module.tile_sizes(shape[0], shape[2])
         assert shape == (1, 8, 3) or (vocab_block < shape[2] and token_chunk < shape[0])
     assert_matches_reference("torch", *shape, reduction)
+    assert not calls
 
 
-@pytest.mark.parametrize("tiles", ["default", "small"])
-def test_torch_bf16_error_no_worse_than_plain_torch(tiles, monkeypatch):
-    if tiles == "small":
+@pytest.mark.parametrize("shape", [(127, 67, 1031), (200, 32, 4099), (1, 8, 3), (64, 16, 100)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("path", ["three", "three_t", "three_chunked", "three_chunked_t"])
+def test_three_matmul_path_matches_fp32_reference(shape, reduction, path, monkeypatch):
+    """The 3-matmul path (token chunks over the whole vocabulary, gradients in forward) against torch in fp32."""
+    force_path(monkeypatch.setattr, path)
+    calls = count_three_matmul_calls(monkeypatch.setattr)
+    assert_matches_reference("torch", *shape, reduction)
+    n_valid = int((make_inputs(*shape)[2] != -100).sum())
+    assert calls, "the 3-matmul path did not run"
+    if path.startswith("three_chunked"):
+        assert calls == [min(40, n_valid)]
+        assert n_valid <= 40 or n_valid % 40, "expected several token chunks, the last one ragged"
+    else:
+        assert calls == [n_valid]
+
+
+@pytest.mark.parametrize("path", ["four", "four_small_tiles", *PATHS[1:]])
+def test_torch_bf16_error_no_worse_than_plain_torch(path, monkeypatch):
+    if path == "four_small_tiles":
         monkeypatch.setattr(flce_module, "TILE_ELEMENTS", 256 * 512)
         monkeypatch.setattr(flce_module, "MAX_TOKEN_CHUNK", 256)
+        path = "four"
+    force_path(monkeypatch.setattr, path, chunk=150)
+    calls = count_three_matmul_calls(monkeypatch.setattr)
     assert_low_precision_no_worse_than_torch("torch", 512, 128, 8192, torch.bfloat16)
+    assert bool(calls) == (path != "four")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_tile_math_matches(dtype, monkeypatch):
+@pytest.mark.parametrize("path", ["four", "three_chunked_t"])
+def test_compiled_tile_math_matches(dtype, path, monkeypatch):
     """Large CPU problems run the tile math through torch.compile; force that path on a small shape."""
     monkeypatch.setattr(flce_module, "COMPILE_MIN_LOGITS", 0)
     monkeypatch.setattr(flce_module, "TILE_ELEMENTS", 200 * 1000)  # 5 vocab blocks, the last one ragged
+    force_path(monkeypatch.setattr, path, chunk=70)
     calls, compiled_tile_ops = [], flce_module._compiled_tile_ops
     monkeypatch.setattr(flce_module, "_compiled_tile_ops", lambda: calls.append(1) or compiled_tile_ops())
     if dtype == torch.float32:
         assert_matches_reference("torch", 200, 32, 4099, "mean")
     else:
         assert_low_precision_no_worse_than_torch("torch", 200, 32, 4099, dtype)
-    assert len(calls) == 2, "the compiled path did not run (forward and backward)"
+    # The 4-matmul path runs tile math in forward and backward, the 3-matmul path in forward only.
+    assert len(calls) == (2 if path == "four" else 1), "the compiled path did not run"
+
+
+def test_path_choice_by_memory():
+    """The 3-matmul path where its buffers fit THREE_MATMUL_BYTES, the 4-matmul path where they do not."""
+    smollm2 = flce_module.three_matmul_chunk(4096, 576, 49152, 2, need_dweight=True)
+    assert smollm2 == 1366  # fp32 dW accumulator 113 MB + 3 chunks of 1,366 tokens (134 MB tiles)
+    assert flce_module.three_matmul_chunk(4096, 1024, 128256, 2, need_dweight=True) is None  # 525 MB accumulator
+    assert flce_module.three_matmul_chunk(4096, 1024, 128256, 2, need_dweight=False) is not None  # frozen head
+    assert flce_module.three_matmul_chunk(300, 576, 49152, 2, need_dweight=True) == 300  # one chunk, no accumulator
+    assert flce_module.three_matmul_chunk(0, 576, 49152, 2, need_dweight=True) is None
+
+
+def test_no_gradient_work_without_grad(monkeypatch):
+    """Under torch.no_grad (evaluation), or with nothing requiring grad, forward is the log-sum-exp pass only."""
+    calls = count_three_matmul_calls(monkeypatch.setattr)
+    hidden, weight, targets = make_inputs(40, 8, 30)
+    with torch.no_grad():
+        a = fused_linear_cross_entropy(hidden.requires_grad_(), weight.requires_grad_(), targets)
+    b = fused_linear_cross_entropy(hidden.detach(), weight.detach(), targets)
+    assert not calls
+    c = fused_linear_cross_entropy(hidden, weight, targets)
+    assert calls and not a.requires_grad and c.requires_grad
+    torch.testing.assert_close(a, reference(hidden.detach(), weight.detach(), targets))
+    torch.testing.assert_close(b, a)
+    torch.testing.assert_close(c.detach(), a)
 
 
 def test_auto_backend_on_cpu_is_torch():
@@ -171,7 +257,9 @@ def test_custom_ignore_index_and_int32_targets():
     torch.testing.assert_close(dw, ref_dw)
 
 
-def test_only_the_needed_gradients():
+@pytest.mark.parametrize("path", PATHS)
+def test_only_the_needed_gradients(path, monkeypatch):
+    force_path(monkeypatch.setattr, path, chunk=9)
     hidden, weight, targets = make_inputs(40, 8, 30)
     h = hidden.clone().requires_grad_()
     fused_linear_cross_entropy(h, weight, targets).backward()  # frozen output projection
@@ -185,12 +273,36 @@ def test_only_the_needed_gradients():
     torch.testing.assert_close(w.grad, ref_w.grad)
 
 
-def test_grad_output_scales_gradients():
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_output_scales_gradients(path, dtype, monkeypatch):
+    force_path(monkeypatch.setattr, path, chunk=9)
     hidden, weight, targets = make_inputs(40, 8, 30)
+    if dtype == torch.bfloat16:  # the trainer's backward of loss / (target tokens): gradients scaled in bf16
+        ours = loss_and_grads(lambda *a: fused_linear_cross_entropy(*a, reduction="sum") / 77, hidden.bfloat16(),
+                              weight.bfloat16(), targets)
+        ref = loss_and_grads(lambda *a: reference(*a, reduction="sum") / 77, hidden.bfloat16().float(),
+                             weight.bfloat16().float(), targets)
+        for o, r in zip(ours[1:], ref[1:]):
+            assert o.dtype == torch.bfloat16 and rel_err(o, r) < 1e-2
+        return
     loss, dh, dw = loss_and_grads(lambda *a: 3.0 * fused_linear_cross_entropy(*a), hidden, weight, targets)
     ref_loss, ref_dh, ref_dw = loss_and_grads(lambda *a: 3.0 * reference(*a), hidden, weight, targets)
     torch.testing.assert_close(dh, ref_dh)
     torch.testing.assert_close(dw, ref_dw)
+
+
+@pytest.mark.parametrize("path", ["four", "three"])
+def test_backward_twice_with_retained_graph(path, monkeypatch):
+    """The 3-matmul path's backward only scales gradients computed in forward: a second backward gets them again."""
+    force_path(monkeypatch.setattr, path)
+    hidden, weight, targets = make_inputs(40, 8, 30)
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, weight, targets)
+    (2.0 * loss).backward(retain_graph=True)
+    first = h.grad.clone()
+    (2.0 * loss).backward()
+    torch.testing.assert_close(h.grad, 2 * first)
 
 
 def test_non_contiguous_inputs():
@@ -269,15 +381,31 @@ def run_triton_interpreter_checks():
         if dtype == torch.bfloat16:
             normal = dz_t.float().abs() > 1e-30
             assert (dz_k != dz_t)[normal].float().mean() < 0.01
-    # Whole loss, several tiles, both reductions, odd shapes.
-    assert_matches_reference("triton", 127, 67, 1031, "mean")
+    # Whole loss, several tiles, both reductions, odd shapes, both paths.
+    knobs = ("TILE_ELEMENTS", "MAX_TOKEN_CHUNK", "MIN_VOCAB_BLOCK", "MAX_VOCAB_BLOCK", "THREE_MATMUL_BYTES",
+             "three_matmul_chunk", "TRANSPOSED_DW_MIN_CHUNK")
+    saved = {k: getattr(flce_module, k) for k in knobs}
+
+    def restore():
+        for k, v in saved.items():
+            setattr(flce_module, k, v)
+
+    assert_matches_reference("triton", 127, 67, 1031, "mean")  # 3-matmul path, one token chunk
+    force_path(setattr, "three_chunked")
+    assert_matches_reference("triton", 100, 16, 300, "sum")
+    restore()
+    force_path(setattr, "three_chunked_t")
+    assert_matches_reference("triton", 100, 16, 300, "mean")
+    restore()
+    force_path(setattr, "four")
     assert_matches_reference("triton", 33, 16, 300, "sum")
-    saved = {k: getattr(flce_module, k) for k in ("TILE_ELEMENTS", "MAX_TOKEN_CHUNK", "MIN_VOCAB_BLOCK")}
     small_tiles(setattr)
     assert_matches_reference("triton", 100, 16, 300, "mean")
-    for k, v in saved.items():
-        setattr(flce_module, k, v)
-    assert_low_precision_no_worse_than_torch("triton", 128, 64, 1031, torch.bfloat16)
+    restore()
+    for path in ("three", "three_t", "four"):
+        force_path(setattr, path)
+        assert_low_precision_no_worse_than_torch("triton", 128, 64, 1031, torch.bfloat16)
+        restore()
     # all ignored and large logits
     hidden, weight, _ = make_inputs(8, 8, 40)
     loss, dh, dw = loss_and_grads(fused_linear_cross_entropy, hidden, weight, torch.full((8,), -100), backend="triton")
