@@ -40,18 +40,26 @@ def build_mesh(device_type: str, world_size: int, replicate: int) -> DeviceMesh:
     return init_device_mesh(device_type, (replicate, world_size // replicate), mesh_dim_names=("replicate", "shard"))
 
 
-def parallelize(model: torch.nn.Module, mesh: DeviceMesh, cfg) -> torch.nn.Module:
+def parallelize(model: torch.nn.Module, mesh: DeviceMesh, cfg, frozen: list[torch.nn.Module] = ()) -> torch.nn.Module:
     """Apply activation checkpointing, optional per-block torch.compile, then FSDP2 to `model` (in place).
 
     cfg: a ParallelConfig (param_dtype, reduce_dtype, activation_checkpointing, ac_every, compile,
     reshard_after_forward). Call on the meta-device model, before materialising and loading weights.
+    frozen: modules that do not train (the embedding and lower blocks when only the top ones are fine-tuned). They
+    are kept whole on every rank in param_dtype, outside FSDP: sharding them would all-gather weights that never
+    change at every step (on CPU over gloo, that communication idled the ranks a third of the time), and with no
+    gradient they need neither a master copy nor activation checkpointing.
     """
+    frozen_params = {p for module in frozen for p in module.parameters()}
+    frozen_blocks = {id(m) for m in frozen}
     if cfg.activation_checkpointing not in AC_MODES:
         raise ValueError(f"parallel.activation_checkpointing: {cfg.activation_checkpointing!r} not in {AC_MODES}")
     every = 1 if cfg.activation_checkpointing == "full" else cfg.ac_every
     if cfg.activation_checkpointing == "every_k" and every < 1:
         raise ValueError(f"parallel.ac_every must be >= 1, got {every}")
     for i, block in enumerate(model.layers):
+        if id(block) in frozen_blocks:
+            continue
         if cfg.activation_checkpointing != "none" and i % every == 0:
             # Recompute the block's activations in backward: memory per block drops to its input.
             block = checkpoint_wrapper(block, preserve_rng_state=False)
@@ -69,16 +77,19 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh, cfg) -> torch.nn.Modul
         reduce_dtype = param_dtype
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     shard = dict(mesh=mesh, mp_policy=mp)
+    for module in frozen:
+        module.to(dtype=param_dtype)
     tied = model.config.tie_word_embeddings
-    if not tied:
+    if not tied and model.embed_tokens not in frozen:
         # A tied embedding is one parameter used at both ends: it must live in one unit, here the root.
         fully_shard(model.embed_tokens, **shard, reshard_after_forward=cfg.reshard_after_forward)
     for block in model.layers:
-        fully_shard(block, **shard, reshard_after_forward=cfg.reshard_after_forward)
+        if id(block) not in frozen_blocks:
+            fully_shard(block, **shard, reshard_after_forward=cfg.reshard_after_forward)
     if not tied:
         # The head runs last in forward and first in backward: keeping it gathered saves one all-gather.
         fully_shard(model.head, **shard, reshard_after_forward=False)
-    fully_shard(model, **shard)
+    fully_shard(model, **shard, ignored_params=frozen_params or None)
     # Gradients are summed, not averaged, across ranks: the loss is already divided by the global token count.
     # Plain SUM collectives (not NCCL's PREMUL_SUM, which gloo lacks); a factor of 1 means no scaling at all.
     # (On one rank sum and average agree, and FSDP2's own default skips the division pass an explicit factor costs.)

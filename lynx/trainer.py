@@ -358,9 +358,13 @@ def build_model(cfg: TrainConfig, mesh, device: torch.device):
         model_cfg = LlamaConfig.from_hf_dict(cfg.model.config, source="model.config")
     with torch.device("meta"):
         model = Llama(model_cfg)
-    parallel.parallelize(model, mesh, cfg.parallel)
+    frozen = frozen_modules(model, cfg.model.train_layers)
+    for module in frozen:
+        module.requires_grad_(False)
+    parallel.parallelize(model, mesh, cfg.parallel, frozen)
     # The sharded master copy is fp32 (the optimizer updates it); MixedPrecisionPolicy gathers it in param_dtype.
     model.to_empty(device=device)
+    model.tie_weights()  # to_empty unties a tied embedding that FSDP does not manage (frozen, kept whole)
     if gguf_file:
         parallel.load_gguf_into_sharded(model, cfg.model.init_from)
     elif cfg.model.init_from is not None:
@@ -370,18 +374,15 @@ def build_model(cfg: TrainConfig, mesh, device: torch.device):
     return model
 
 
-def freeze_lower_layers(model, train_layers: int | None) -> list[torch.nn.Parameter]:
-    """Freeze the embedding and every block below the top `train_layers` (None: freeze nothing); returns the
-    parameters left to train. A tied lm_head is the embedding, so it freezes with it."""
+def frozen_modules(model, train_layers: int | None) -> list[torch.nn.Module]:
+    """The embedding and every block below the top `train_layers` (none when train_layers is None). A tied lm_head
+    is the embedding, so it is frozen with it."""
     if train_layers is None:
-        return [p for p in model.parameters() if p.requires_grad]
+        return []
     n = len(model.layers)
     if train_layers > n:
         raise ConfigError(f"model.train_layers={train_layers} but the model has only {n} blocks")
-    frozen = [model.embed_tokens, *model.layers[: n - train_layers]]
-    for module in frozen:
-        module.requires_grad_(False)
-    return [p for p in model.parameters() if p.requires_grad]
+    return [model.embed_tokens, *model.layers[: n - train_layers]]
 
 
 def load_tokenizer(cfg: TrainConfig):
@@ -701,7 +702,7 @@ def _train(cfg: TrainConfig, examples, device, sft_data) -> dict:
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
     n_params = sum(p.numel() for p in model.parameters())
-    trainable = freeze_lower_layers(model, cfg.model.train_layers)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     o = cfg.optim
     optimizer = build_optimizer(trainable, o.name, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,

@@ -61,3 +61,33 @@ def test_every_rank_wrote_its_checkpoint_shards(runs):
     names = {p.name for p in ckpt.iterdir()}
     assert {f"rank_{r:05d}.pt" for r in range(4)} <= names and ".metadata" in names
     assert {"step_00000002", "step_00000003"} == {p.name for p in (runs / "w4/checkpoints").iterdir()}
+
+
+@pytest.fixture(scope="module")
+def frozen_runs(tmp_path_factory):
+    """model.train_layers=1 on a tied model: the frozen embedding and lower block stay whole on every rank (outside
+    FSDP), and the result must not depend on the number of ranks either."""
+    tmp = tmp_path_factory.mktemp("frozen")
+    ckpt = make_tiny_checkpoint(tmp / "hf", intermediate_size=99, tie_word_embeddings=True)
+    examples = synthetic_examples(40)
+    extra = {"model.init_from": str(ckpt), "max_steps": 3, "optim.warmup_steps": 1, "model.train_layers": 1}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(load_config(None, tiny_overrides(tmp / "w1", **extra)), examples=examples)
+    finally:
+        torch.set_num_threads(threads)
+    run_ranks(2, tiny_overrides(tmp / "w2", **extra), examples)
+    return tmp
+
+
+def test_frozen_layers_are_replicated_and_unchanged(frozen_runs):
+    one, two = metrics(frozen_runs / "w1"), metrics(frozen_runs / "w2")
+    assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5, abs=0)
+    assert one[-1]["loss"] < one[0]["loss"] - 0.01
+    start = load_file(frozen_runs / "hf/model.safetensors")
+    w1, w2 = (load_file(frozen_runs / f"{w}/final/model.safetensors") for w in ("w1", "w2"))
+    for name in start:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-6, msg=name)
+        frozen = name.startswith("model.embed_tokens") or name.startswith("model.layers.0.")
+        assert torch.equal(w1[name], start[name]) == frozen, name  # frozen exactly as loaded; the rest moved
