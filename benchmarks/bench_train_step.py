@@ -39,42 +39,20 @@ matmul). The machine is shared, so the load average is printed and saved, and ea
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import ROOT, current_rss_mib, peak_rss_mib, timed_steps, trim_heap  # also puts ROOT on sys.path
+from _common import bf16_matmul_peak
+from _common import run_worker as _run_worker
 
 
-# --- measurement helpers ------------------------------------------------------------------------------------------
-
-
-def current_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def trim_heap() -> None:
-    """Give freed heap pages back to the OS so the baseline RSS is what is really held."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+# --- workload -----------------------------------------------------------------------------------------------------
 
 
 def model_hf_config(args) -> dict:
@@ -107,26 +85,11 @@ def make_documents(args) -> list[list[int]]:
     return rows
 
 
-def timed_steps(step_fn, warmup: int, steps: int) -> list[float]:
-    for _ in range(warmup):
-        step_fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step_fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 # --- workers (one per subprocess) ---------------------------------------------------------------------------------
 
 
 def worker_peak(args) -> dict:
-    n = args.peak_size
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
-    times = timed_steps(lambda: a @ b, 1, args.peak_repeats)
-    return {"peak_flops": 2 * n**3 / min(times), "matmul_size": n, "times_s": times}
+    return bf16_matmul_peak(args.peak_size, args.peak_repeats)
 
 
 def worker_lynx(args) -> dict:
@@ -226,12 +189,7 @@ WORKERS = {"peak": worker_peak, "lynx": worker_lynx, "hf": worker_hf}
 
 
 def run_worker(name: str, argv: list[str], extra: list[str] = ()) -> dict:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, __file__, "--worker", name, *argv, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {name} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _run_worker(__file__, name, argv, extra)
 
 
 def summarise(r: dict, peak_flops: float) -> dict:
