@@ -81,6 +81,10 @@ def tile_sizes(n_tokens: int, vocab: int) -> tuple[int, int]:
 # [V, H] accumulator (fp32 over several token chunks). 256 MiB: SmolLM2's 49,152 x 576 head (fp32 accumulator
 # 113 MB) runs in 1,366-token chunks at N=4096; Llama-3's 128,256 x 1,024 (525 MB) does not fit and keeps the
 # 4-matmul path's ~0.4 GB peak, unless dW is not needed (a frozen output projection: no accumulator).
+# In between, V=128,256 at H=576 (accumulator 295 MB) measured on the loaded 2-core VM at N=4096: with a 512 MiB
+# budget the 3-matmul path ran about as fast as naive torch (9.9 s against 10.0 s; the 4-matmul path 12.6 s) but
+# peaked at 658 MB above its inputs (0.22x naive's 3.0 GB; 4-matmul: 248 MB, 0.08x): over the 0.2x memory target
+# for Llama-3's vocabulary, so the default budget keeps the 4-matmul path there.
 THREE_MATMUL_BYTES = 256 * 2**20
 MIN_THREE_MATMUL_CHUNK = 256  # dW's matmul runs over K = token chunk: shorter chunks make it inefficient
 # dW as (h^T @ dz)^T above this many tokens per chunk, as dz^T @ h at or below (see loss_and_grads_three_matmul).
