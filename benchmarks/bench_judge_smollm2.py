@@ -20,8 +20,9 @@ Sides:
                 greedy, max_new_tokens=--max-new-tokens, stopping at the tokenizer's stop ids.
                 The faster of the two attention implementations is the one the ratios use (--hf-attn picks).
 
-Time: each measurement is the whole call over the N rows (prompt building included on the lynx side, as users get
-it; tokenization is outside both); after one warm-up call on a few rows, --repeats interleaved rounds, the best of
+Time: each measurement is the whole call over the N rows; lynx's includes building and tokenizing its prompts
+(judge_batch does, as users get it; that time is measured on its own and printed), transformers' gets the ids
+ready-made. After one warm-up call on a few rows, --repeats interleaved rounds, the best of
 each kept (other load only adds time). New tokens: every generated token, a stop token included. Agreement:
 fast-mode verdicts and the largest p_pass difference; full mode: completions with identical text (bf16 greedy
 decoding of two implementations drifts apart after near-ties, so not all are).
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
     hf = {f"hf-{impl}": transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
                                                                       attn_implementation=impl).eval()
           for impl in args.hf_attn}
-    prompts = [judge.prompt_ids(*e)[0] for e in examples]
+    prompt_s, prompts = timed(lambda: [judge.prompt_ids(*e)[0] for e in examples])
     if any(pr is None for pr in prompts):
         raise SystemExit("some prompts do not fit the model's context (Judge would skip them): fewer/shorter rows")
     fast_prompts = [pr + judge.fast_prefix_ids for pr in prompts]
@@ -199,7 +200,8 @@ def main(argv=None) -> int:
     print(f"SmolLM2-135M bf16 ({model_dir}); {len(examples)} rows, prompts {min(map(len, prompts))}-"
           f"{max(map(len, prompts))} tokens (mean {n_prompt_tokens['full'] / len(prompts):.0f}); full mode "
           f"max_new_tokens {args.max_new_tokens}, batch {args.batch_size}; lynx fast packs {args.pack_tokens} tokens; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; building the prompts (in lynx's timed "
+          f"calls): {prompt_s:.2f} s", flush=True)
     for mode in args.modes:
         for side in sides:
             print(f"warm-up: {side} {mode} ...", file=sys.stderr, flush=True)
@@ -264,6 +266,7 @@ def main(argv=None) -> int:
     path = out / f"judge_smollm2-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({
         "args": vars(args), "model_dir": str(model_dir), "rows": len(examples), "prompt_tokens": n_prompt_tokens,
+        "prompt_build_s": prompt_s,
         "load_average_before": load_before, "load_average_after": load_after,
         "results": {f"{k[0]}/{k[1]}": v for k, v in results.items()},
     }, indent=2) + "\n")
