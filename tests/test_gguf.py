@@ -421,3 +421,23 @@ def test_trainer_init_from_gguf(tmp_path):
     exported = Llama.from_pretrained(tmp_path / "run" / "final", dtype=torch.float32).state_dict()
     for name, t in Llama.from_pretrained(path).state_dict().items():
         torch.testing.assert_close(exported[name], t, msg=name)
+
+
+def test_judge_cli_reads_the_gguf_file(smollm2, tmp_path):
+    """`judge.py --model x.gguf` judges with the file's weights, tokenizer and ChatML template: the same p_pass as
+    the judge on the converted folder."""
+    import json
+
+    from lynx.judge import Judge
+
+    path = smollm2[0]
+    example = ("What is the capital of France?", "Paris is the capital and largest city of France.", "Lyon")
+    done = subprocess.run([sys.executable, "judge.py", "--model", str(path), "--fast", "--question", example[0],
+                           "--document", example[1], "--answer", example[2]],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    verdict = json.loads(done.stdout)
+    assert verdict["score"] in ("PASS", "FAIL") and 0.0 < verdict["p_pass"] < 1.0
+    assert run_convert(path, tmp_path / "out").returncode == 0
+    folder = Judge(tmp_path / "out", device="cpu", max_new_tokens=8).judge(*example, fast=True)
+    assert verdict["p_pass"] == pytest.approx(folder.p_pass, abs=1e-4)
