@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from lynx.config import DTYPES as CONFIG_DTYPES
+
+DTYPES = {"auto": None, **CONFIG_DTYPES}  # auto: bf16 on GPU, the checkpoint's own dtype on CPU
 EXIT_BAD_INPUT = 2
 
 

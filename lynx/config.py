@@ -6,9 +6,16 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
+
 
 class ConfigError(ValueError):
-    """A config.json we cannot run faithfully; the message names the file and key."""
+    """A config we cannot run faithfully (config.json, a training config, an override); the message names the file
+    and key."""
+
+
+# The dtype names configs, config.json and the command lines use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass

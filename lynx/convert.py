@@ -15,9 +15,7 @@ from pathlib import Path
 import torch
 
 from lynx.checkpoint import CheckpointError
-from lynx.config import ConfigError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from lynx.config import DTYPES, ConfigError
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
@@ -46,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                     "generation_config.json, model.safetensors and the tokenizer from the GGUF metadata.")
     from_gguf.add_argument("input", type=Path, metavar="IN.gguf", help="the GGUF file")
     from_gguf.add_argument("output", type=Path, metavar="OUT_DIR", help="folder to write (replaced if it exists)")
-    from_gguf.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+    from_gguf.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32",
                            help="dtype of the written weights (default float32: the dequantized values exactly; "
                                 "bfloat16 halves the size and rounds them)")
     args = parser.parse_args(argv)

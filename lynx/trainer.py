@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from lynx import parallel
-from lynx.config import LlamaConfig
+from lynx.config import ConfigError, LlamaConfig
 from lynx.optim import build_optimizer, set_lr
 
 # --- configuration ------------------------------------------------------------------------------------------------
@@ -130,10 +130,6 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
-
-
-class ConfigError(ValueError):
-    """A bad config file or override; the message names the key."""
 
 
 def _coerce(value, tp, key: str):
