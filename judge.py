@@ -14,7 +14,8 @@ HaluBench-style evaluation (rows need `label`), written to --report-dir as repor
   torchrun --nproc_per_node 8 judge.py --model DIR --input halubench.jsonl --eval   # rows split across ranks
 
 --model is a checkpoint directory (config.json + safetensors, tokenizer.json or tokenizer.model; without a
-tokenizer the shipped Llama-3 tokenizer is used) or a Hugging Face hub id already in the local hub cache.
+tokenizer the shipped Llama-3 tokenizer is used), a llama.cpp GGUF file (weights, tokenizer and chat template from
+the file), or a Hugging Face hub id already in the local hub cache.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="checkpoint directory, or a hub id in the local Hugging Face cache")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory, a GGUF file (e.g. the published Lynx Q4_K_M), or a hub id in the local "
+                        "Hugging Face cache")
     single = p.add_argument_group("one example")
     single.add_argument("--question", help="the question")
     single.add_argument("--context", "--document", dest="context", help="the document the answer must be faithful to")
