@@ -116,6 +116,11 @@ def load_state_dict_into(model: torch.nn.Module, path: str | Path, *, copy_tenso
             wrong_shape.append(f"{name}: checkpoint {shape} vs model {tuple(target.shape)}")
             continue
         copy_tensor(files[name], name, target)
+    raise_mismatch(CheckpointError, f"checkpoint {path}", missing, unexpected, wrong_shape)
+
+
+def raise_mismatch(error: type, what: str, missing: list, unexpected: list, wrong_shape: list) -> None:
+    """One error listing every missing, unexpected and wrongly shaped tensor (nothing when all three are empty)."""
     problems = []
     if missing:
         problems.append(f"missing tensors: {missing}")
@@ -124,7 +129,7 @@ def load_state_dict_into(model: torch.nn.Module, path: str | Path, *, copy_tenso
     if wrong_shape:
         problems.append(f"wrongly shaped tensors: {wrong_shape}")
     if problems:
-        raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
+        raise error(f"{what} does not match the model: " + "; ".join(problems))
 
 
 def checkpoint_dtype(cfg: LlamaConfig) -> torch.dtype:

@@ -22,7 +22,7 @@ import gguf
 import numpy as np
 import torch
 
-from lynx.checkpoint import CheckpointError
+from lynx.checkpoint import CheckpointError, raise_mismatch
 from lynx.config import ConfigError, LlamaConfig
 
 ARCHITECTURE = "llama"
@@ -283,15 +283,7 @@ def load_gguf_state_dict_into(model: torch.nn.Module, path: str | Path, *, reade
             wrong_shape.append(f"{name}: file {shape} vs model {tuple(target.shape)}")
         else:
             to_copy.append((name, target))
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {missing}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {unexpected}")
-    if wrong_shape:
-        problems.append(f"wrongly shaped tensors: {wrong_shape}")
-    if problems:
-        raise GGUFError(f"GGUF file {path} does not match the model: " + "; ".join(problems))
+    raise_mismatch(GGUFError, f"GGUF file {path}", missing, unexpected, wrong_shape)
 
     if progress:
         from tqdm import tqdm
