@@ -135,19 +135,14 @@ def load_gguf_into_sharded(model: torch.nn.Module, path: str | Path) -> None:
     fp32) and keeps its rows. Fine for the small models a GGUF is fine-tuned from here; convert a large one once
     with `python -m lynx.convert gguf` and train from the folder, which each rank reads only its rows of."""
     from lynx.gguf import load_gguf
+    from lynx.model import Llama
 
-    full = load_gguf(_unwrapped_class(model), path, dtype=torch.float32)
+    full = load_gguf(Llama, path, dtype=torch.float32)
     full_state = full.state_dict()
     for name, t in model.state_dict().items():
         local = _local(t)
         if local.numel():
             local.copy_(full_state[name][local_slices(t)])
-
-
-def _unwrapped_class(model: torch.nn.Module) -> type:
-    """The model's own class (FSDP2 swaps in a subclass named FSDP<Class>)."""
-    cls = type(model)
-    return next(c for c in cls.__mro__ if not c.__name__.startswith("FSDP") and issubclass(c, torch.nn.Module))
 
 
 @torch.no_grad()

@@ -16,18 +16,23 @@ from lynx.trainer import load_config, train
 from trainer_helpers import metrics, run_ranks, synthetic_examples, tiny_overrides
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dist")
-    ckpt = make_tiny_checkpoint(tmp / "hf", intermediate_size=99)
-    examples = synthetic_examples(40)
-    extra = {"model.init_from": str(ckpt), "max_steps": 3, "optim.warmup_steps": 1, "checkpoint.every_steps": 2}
+def train_one_rank(tmp, extra, examples):
+    """The single-process reference run, in tmp / "w1" (one thread: the tiny model gains nothing from more)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         train(load_config(None, tiny_overrides(tmp / "w1", **extra)), examples=examples)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    ckpt = make_tiny_checkpoint(tmp / "hf", intermediate_size=99)
+    examples = synthetic_examples(40)
+    extra = {"model.init_from": str(ckpt), "max_steps": 3, "optim.warmup_steps": 1, "checkpoint.every_steps": 2}
+    train_one_rank(tmp, extra, examples)
     run_ranks(2, tiny_overrides(tmp / "w2", **extra), examples)
     run_ranks(4, tiny_overrides(tmp / "w4", **extra, **{"parallel.replicate": 2}), examples)
     return tmp
@@ -71,12 +76,7 @@ def frozen_runs(tmp_path_factory):
     ckpt = make_tiny_checkpoint(tmp / "hf", intermediate_size=99, tie_word_embeddings=True)
     examples = synthetic_examples(40)
     extra = {"model.init_from": str(ckpt), "max_steps": 3, "optim.warmup_steps": 1, "model.train_layers": 1}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(load_config(None, tiny_overrides(tmp / "w1", **extra)), examples=examples)
-    finally:
-        torch.set_num_threads(threads)
+    train_one_rank(tmp, extra, examples)
     run_ranks(2, tiny_overrides(tmp / "w2", **extra), examples)
     return tmp
 
