@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import re
 import resource
 import shutil
 import sys
@@ -38,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from lynx import parallel
 from lynx.config import ConfigError, LlamaConfig
 from lynx.optim import build_optimizer, set_lr
+from lynx.runs import RunState, complete_checkpoints
 
 # --- configuration ------------------------------------------------------------------------------------------------
 
@@ -112,6 +112,7 @@ class EvalConfig:
 class LogConfig:
     wandb_project: str | None = None  # log to Weights & Biases (must be installed) when set
     wandb_run_name: str | None = None
+    tensorboard: bool = False  # also write TensorBoard event files to <run_dir>/tensorboard (needs tensorboard)
     gpu_peak_tflops: float | None = None  # bf16 dense peak per GPU for the MFU estimate (default: known GPUs)
 
 
@@ -428,18 +429,6 @@ def tokenize_data(cfg: TrainConfig, tokenizer, rank: int):
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
 
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Half-written ones keep their .tmp name and are never listed."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "train_state.json").is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
-
-
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -559,12 +548,14 @@ def step_flops(model_cfg: LlamaConfig, n_params: int, micro_batches: list[dict],
 
 
 class MetricsLog:
-    """<run_dir>/metrics.jsonl (rank 0), one object per optimizer step, flushed as written; optional W&B."""
+    """<run_dir>/metrics.jsonl (rank 0), one object per optimizer step, flushed as written; optional W&B and
+    TensorBoard (every numeric field as a scalar)."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume_step: int, enabled: bool):
         self.enabled = enabled
         self.file = None
         self.wandb = None
+        self.tensorboard = None
         if not enabled:
             return
         path = run_dir / "metrics.jsonl"
@@ -587,6 +578,14 @@ class MetricsLog:
                 raise ConfigError("log.wandb_project is set but wandb is not installed (pip install wandb)") from None
             self.wandb = wandb.init(project=cfg.log.wandb_project, name=cfg.log.wandb_run_name,
                                     config=dataclasses.asdict(cfg), dir=str(run_dir), resume="allow")
+        if cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("log.tensorboard is true but tensorboard is not installed (pip install "
+                                  "tensorboard)") from None
+            # purge_step: a resumed run drops the events of the steps it runs again, as metrics.jsonl does.
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -595,12 +594,19 @@ class MetricsLog:
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def train_step(model, optimizer, micro_batches: list[dict], device, clip: float,
@@ -647,13 +653,15 @@ def train(cfg: TrainConfig, *, examples=None) -> dict:
 
     device, owns_group = init_distributed()
     try:
-        return _train(cfg, examples, device, sft_data)
+        # state.json: running, then finished / paused / failed / stopped (see lynx/runs.py, python -m lynx.runs).
+        with RunState(cfg.run_dir, enabled=dist.get_rank() == 0, world_size=dist.get_world_size()) as run_state:
+            return _train(cfg, examples, device, sft_data, run_state)
     finally:
         if owns_group:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, examples, device, sft_data) -> dict:
+def _train(cfg: TrainConfig, examples, device, sft_data, run_state: RunState) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = Path(cfg.run_dir)
     per_step = cfg.data.micro_batch_size * world
@@ -720,6 +728,7 @@ def _train(cfg: TrainConfig, examples, device, sft_data) -> dict:
             print(f"resumed from {found[0][0]} at step {step}", flush=True)
 
     stop_at = min(total_steps, cfg.stop_after_step or total_steps)
+    run_state.update(step=step, total_steps=total_steps, stop_at=stop_at)
     evaluator = None
     if cfg.eval.data is not None:
         from lynx.validation import Evaluator
@@ -773,6 +782,7 @@ def _train(cfg: TrainConfig, examples, device, sft_data) -> dict:
             flops = all_reduce_sum([step_flops(model.config, n_params, micro_batches, n_trainable)], device)[0]
             record["mfu"] = flops / (dt * world * peak_flops)
         log.write(record)
+        run_state.update(step=step)
         if finite:
             losses.append(mean_loss)
         total_tokens += n_tokens
@@ -818,6 +828,7 @@ def _train(cfg: TrainConfig, examples, device, sft_data) -> dict:
         loss = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a"
         print(f"done: step {step}/{total_steps}, loss {loss}, {tps} tokens/s, {skipped} skipped steps, {where}{rows}",
               flush=True)
+    run_state.end(finished)
     return summary
 
 

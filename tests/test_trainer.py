@@ -19,13 +19,7 @@ from lynx.trainer import ConfigError, load_config, main, train
 from trainer_helpers import TINY_MODEL, metrics, synthetic_examples, tiny_overrides
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny model is far too small for intra-op threads; on a shared 2-core machine they only add contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- config -------------------------------------------------------------------------------------------------------
