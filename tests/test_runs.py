@@ -18,7 +18,7 @@ import torch
 
 from conftest import LLAMA3_TOKENIZER_DIR, REPO
 from lynx import runs
-from lynx.trainer import load_config, train
+from lynx.train import load_config, train
 from trainer_helpers import TINY_MODEL, free_port, metrics, synthetic_examples, tiny_overrides
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
