@@ -1,4 +1,4 @@
-"""Fine-tune a Llama-3 model into a Lynx judge with FSDP2 (see lynx/trainer.py and configs/).
+"""Fine-tune a Llama-3 model into a Lynx judge with FSDP2 (see lynx/train/ and configs/).
 
     python train.py --config configs/tiny-cpu.yaml                       # one process (CPU or one GPU)
     torchrun --nproc_per_node 8 train.py --config configs/lynx-8b.yaml   # one node
@@ -7,7 +7,7 @@
 
 import sys
 
-from lynx.trainer import main
+from lynx.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ train.py packs them, and the first optimizer step's micro-batches timed again an
 same examples of that step.
 
 Sides (each in its own subprocess, or torchrun group with --nproc 2; rounds alternate the sides):
-  lynx        lynx.trainer.train_step (the training loop's own step) on the model lynx.trainer.build_model builds:
+  lynx        lynx.train.train_step (the training loop's own step) on the model lynx.train.build.build_model builds:
               FSDP2 over a gloo group of --nproc processes, bf16 compute weights over fp32 master weights
               (parallel.param_dtype), the fused linear + cross-entropy loss, model.train_layers frozen as the
               trainer freezes them, the optimizer lynx.optim.build_optimizer builds (the demo's adamw: torch AdamW,
@@ -80,10 +80,10 @@ SIDES = ("lynx", "hf-padded", "hf-packed")
 
 def train_config_file(args, model_dir: Path, train_rows: Path, out: Path) -> Path:
     """The demo config as train.py gets it (its `demo:` section removed), with this run's overrides, checked by
-    lynx.trainer.load_config; written to `out` for the workers."""
+    lynx.train.load_config; written to `out` for the workers."""
     import yaml
 
-    from lynx import trainer
+    from lynx.train import load_config
     from lynx.demo import split_demo_config
 
     _, config = split_demo_config(Path(args.config))
@@ -98,7 +98,7 @@ def train_config_file(args, model_dir: Path, train_rows: Path, out: Path) -> Pat
         overrides.append(f"global_batch_size={args.batch}")
     base = out.with_suffix(".base.yaml")
     base.write_text(yaml.safe_dump(config, sort_keys=False))
-    trainer.load_config(base, overrides)  # checked here, once, with a clear error
+    load_config(base, overrides)  # checked here, once, with a clear error
     out.write_text(yaml.safe_dump({"base": str(base), "overrides": overrides}))
     return out
 
@@ -107,10 +107,10 @@ def load_train_config(path: str):
     """The TrainConfig a config file of train_config_file describes (the same in the parent and every worker)."""
     import yaml
 
-    from lynx import trainer
+    from lynx.train import load_config
 
     spec = yaml.safe_load(Path(path).read_text())
-    return trainer.load_config(spec["base"], spec["overrides"])
+    return load_config(spec["base"], spec["overrides"])
 
 
 def prepare_batches(args, cfg, model_dir: Path, nproc: int) -> dict:
@@ -251,16 +251,18 @@ def worker_peak(args) -> dict:
 def worker_lynx(args) -> None:
     import torch.distributed as dist
 
-    from lynx import parallel, trainer
+    from lynx import parallel
+    from lynx.distributed import init_distributed
     from lynx.optim import build_optimizer
+    from lynx.train import train_step
+    from lynx.train.build import build_model
 
     cfg = load_train_config(args.config_file)
-    device, owns = trainer.init_distributed()
+    device, owns = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = parallel.build_mesh(device.type, world, cfg.parallel.replicate)
-    model = trainer.build_model(cfg, mesh, device)  # frozen modules (model.train_layers) come out frozen
-    freeze = getattr(trainer, "freeze_lower_layers", None)  # the trainer before frozen layers left FSDP
-    trainable = freeze(model, cfg.model.train_layers) if freeze else [p for p in model.parameters() if p.requires_grad]
+    model = build_model(cfg, mesh, device)  # frozen modules (model.train_layers) come out frozen
+    trainable = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = build_optimizer(trainable, o.name, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
     micro_batches = torch.load(args.batch_file, weights_only=False)["ranks"][rank]["lynx"]
@@ -272,7 +274,7 @@ def worker_lynx(args) -> None:
 
     def step():
         _barrier()
-        loss, grad_norm, _, _ = trainer.train_step(model, optimizer, micro_batches, device, clip, trainable)
+        loss, grad_norm, _, _ = train_step(model, optimizer, micro_batches, device, clip, trainable)
         losses.append((loss, grad_norm))
 
     times = timed_steps(step, args.warmup, args.steps)
@@ -299,7 +301,7 @@ def worker_hf(args, packed: bool) -> None:
     model = transformers.LlamaForCausalLM.from_pretrained(cfg.model.init_from, dtype=torch.float32,
                                                           attn_implementation=args.hf_attn)
     n_layers = len(model.model.layers)
-    if cfg.model.train_layers is not None:  # the modules lynx.trainer freezes: embedding (and tied head), low blocks
+    if cfg.model.train_layers is not None:  # the modules lynx.train freezes: embedding (and tied head), low blocks
         for module in [model.model.embed_tokens, *model.model.layers[: n_layers - cfg.model.train_layers]]:
             module.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]

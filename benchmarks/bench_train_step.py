@@ -3,7 +3,7 @@ optimizer, on this CPU, in one run. Reports tokens/s, peak memory and model-FLOP
 machine's bf16 matrix-product peak, measured in the same run.
 
 Sides (each in its own subprocess, so memory is measured cleanly and one side's allocator state can't help the other):
-  lynx  `lynx.trainer.train_step` (the function the training loop calls) on the model `lynx.trainer.build_model`
+  lynx  `lynx.train.train_step` (the function the training loop calls) on the model `lynx.train.build.build_model`
         builds: FSDP2 over a one-process gloo group (what plain `python train.py` makes), MixedPrecisionPolicy with
         bf16 parameters and fp32 gradient reduction (the trainer's param_dtype=bfloat16: bf16 weights, no autocast),
         fp32 master weights, the fused linear + cross-entropy loss, torch AdamW through lynx.optim.build_optimizer.
@@ -25,7 +25,7 @@ optimizer state, activations, gathered bf16 weights, logits). Absolute peaks are
 never rises above a transient high-water mark from before the baseline, the delta would be a lower bound; the script
 says so when that happens.
 
-MFU: model FLOPs per step / step time / measured bf16 matmul peak (both sides: same model, same tokens). Model FLOPs follow lynx.trainer.step_flops
+MFU: model FLOPs per step / step time / measured bf16 matmul peak (both sides: same model, same tokens). Model FLOPs follow lynx.train.metrics.step_flops
 (6 x parameters x tokens + causal attention) with the input embedding left out of the parameters (a lookup, not a
 matmul). The machine is shared, so the load average is printed and saved, and each side's fastest step is reported
 (other load only adds time); --threads 1 gives steadier numbers on a loaded machine.
@@ -95,22 +95,27 @@ def worker_peak(args) -> dict:
 def worker_lynx(args) -> dict:
     import torch.distributed as dist
 
-    from lynx import attention, parallel, sft_data, trainer
+    from lynx import attention, parallel, sft_data
+    from lynx import train as trainer
+    from lynx.distributed import init_distributed
+    from lynx.train import config as train_config
+    from lynx.train.build import build_model
+    from lynx.train.metrics import step_flops
     from lynx.config import LlamaConfig
     from lynx.optim import build_optimizer
 
     if args.packed_impl:
         attention.CPU_PACKED_IMPL = args.packed_impl
-    cfg = trainer.TrainConfig(
-        model=trainer.ModelConfig(config=model_hf_config(args)),
-        data=trainer.DataConfig(max_seq_len=args.seq),
-        parallel=trainer.ParallelConfig(param_dtype=args.param_dtype, reduce_dtype="float32",
+    cfg = train_config.TrainConfig(
+        model=train_config.ModelConfig(config=model_hf_config(args)),
+        data=train_config.DataConfig(max_seq_len=args.seq),
+        parallel=train_config.ParallelConfig(param_dtype=args.param_dtype, reduce_dtype="float32",
                                         activation_checkpointing=args.ac),
     )
     trainer.validate(cfg)
-    device, _ = trainer.init_distributed()
+    device, _ = init_distributed()
     mesh = parallel.build_mesh(device.type, 1, 1)
-    model = trainer.build_model(cfg, mesh, device)
+    model = build_model(cfg, mesh, device)
     if args.adamw == "loop":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=False)
     else:  # what the trainer builds for optim.name=adamw
@@ -136,7 +141,7 @@ def worker_lynx(args) -> dict:
     times = timed_steps(step, args.warmup, args.steps)
     n_params = sum(p.numel() for p in model.parameters())
     model_cfg = LlamaConfig.from_hf_dict(model_hf_config(args), source="bench")
-    flops = trainer.step_flops(model_cfg, n_params - model_cfg.vocab_size * model_cfg.hidden_size, micro_batches)
+    flops = step_flops(model_cfg, n_params - model_cfg.vocab_size * model_cfg.hidden_size, micro_batches)
     dist.destroy_process_group()
     return {"times_s": times, "losses": losses, "n_params": n_params, "flops_per_step": flops,
             "tokens_per_step": micro_batches[0]["num_tokens"], "baseline_rss_mib": baseline,

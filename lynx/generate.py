@@ -149,10 +149,10 @@ def run_generation(
 
     caches = model.new_kv_caches(B, total)
 
-    def next_logits(tokens, positions, attn_kwargs, cache_start):
+    def next_logits(tokens, positions, attn_kwargs, slots: range):
         # Only the last position's logits: a prefill needs no more (fp32 for sampling and the judge's p_pass).
         logits = model(tokens, position_ids=positions, attn_kwargs=attn_kwargs, kv_caches=caches,
-                       cache_start=cache_start, last_logits_only=True)
+                       cache_positions=slots, last_logits_only=True)
         return logits[:, -1].float()
 
     generator = None
@@ -167,7 +167,8 @@ def run_generation(
     n_new = torch.zeros(B, dtype=torch.long, device=device)  # tokens kept per sequence (stop token excluded)
     out_tokens, out_watched = [], []
 
-    logits = next_logits(input_ids, position_ids, {} if prefill_mask is None else {"attn_mask": prefill_mask}, 0)
+    prefill_kwargs = {} if prefill_mask is None else {"attn_mask": prefill_mask}
+    logits = next_logits(input_ids, position_ids, prefill_kwargs, range(P))  # reads the P slots it writes
     positions = lengths.clone()  # position of the next token per sequence
     for step in range(max_new_tokens):
         next_token = _sample(logits, temperature, top_p, generator)
@@ -184,8 +185,8 @@ def run_generation(
         # Finished sequences keep decoding (cheaper than reshaping the batch); their tokens are discarded.
         slot = P + step
         key_valid[:, slot] = True
-        decode_mask = key_valid[:, None, None, :]  # the whole cache, unwritten slots masked (see Llama.forward)
-        logits = next_logits(next_token[:, None], positions[:, None], {"attn_mask": decode_mask}, slot)
+        decode_mask = key_valid[:, None, None, :]  # a decode step reads the whole cache (see KVCache.update)
+        logits = next_logits(next_token[:, None], positions[:, None], {"attn_mask": decode_mask}, range(slot, slot + 1))
         positions += 1
 
     tokens = torch.stack(out_tokens, dim=1).cpu()  # [B, steps]

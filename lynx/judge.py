@@ -27,8 +27,7 @@ import torch
 
 from lynx.generate import prepack_linear_weights, run_generation
 from lynx.model import Llama
-from lynx.prompt import judge_messages
-from lynx.sft_data import TRUNCATION_MARKER, truncate_document
+from lynx.prompt import TRUNCATION_MARKER, judge_messages, truncate_document
 from lynx.tokenizer import Tokenizer
 
 FAST_PREFIX = '{"REASONING": [], "SCORE": "'

@@ -65,6 +65,33 @@ def apply_rope(x, cos, sin):
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+class KVCache:
+    """One attention layer's keys and values during generation, preallocated [B, H_kv, max_len, D] (as gpt-fast's).
+
+    `update(positions, k, v)` writes k, v [B, T, H_kv, D] at the cache slots `positions` (a range of T slots, the
+    same for every row) and returns the keys and values attention reads, [B, S, H_kv, D]:
+    - a write starting at slot 0 (a prefill): the slots just written, so attention runs as it would without a cache
+      (plain causal, or the caller's [B, 1, T, T] mask);
+    - any later write (a decode step): the whole buffer, S = max_len, and the caller's mask [B, 1, T, max_len] must
+      hide the slots not written yet. Decode reads the buffer in place: a slice of the written part runs other
+      kernels (other last bits in the logits; slower in bf16).
+    """
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, *, dtype, device=None):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, positions: range, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.step != 1 or len(positions) != k.shape[1] or positions.stop > self.k.shape[2]:
+            raise ValueError(f"KVCache.update: {k.shape[1]} new keys need {k.shape[1]} consecutive slots below "
+                             f"{self.k.shape[2]}, got {positions}")
+        self.k[:, :, positions.start : positions.stop] = k.transpose(1, 2)
+        self.v[:, :, positions.start : positions.stop] = v.transpose(1, 2)
+        end = positions.stop if positions.start == 0 else self.k.shape[2]
+        return self.k[:, :, :end].transpose(1, 2), self.v[:, :, :end].transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -74,7 +101,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache=None, cache_start: int = 0, last_only: bool = False):
+    def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache: KVCache | None = None,
+                cache_positions: range | None = None, last_only: bool = False):
         B, T, _ = x.shape
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -82,14 +110,7 @@ class Attention(nn.Module):
             x, cos, sin = x[:, -1:], cos[:, -1:], sin[:, -1:]
         q = apply_rope(self.q_proj(x).view(B, x.shape[1], self.n_heads, self.head_dim), cos, sin)
         if kv_cache is not None:
-            # Preallocated [B, H_kv, T_max, D] buffers. Keys: the written prefix, or the whole buffer when the mask
-            # spans it (decode: matmuls over a sliced view copy K and V every step; the mask hides unwritten slots).
-            k_buf, v_buf = kv_cache
-            k_buf[:, :, cache_start : cache_start + T] = k.transpose(1, 2)
-            v_buf[:, :, cache_start : cache_start + T] = v.transpose(1, 2)
-            mask = attn_kwargs.get("attn_mask")
-            end = k_buf.shape[2] if mask is not None and mask.shape[-1] == k_buf.shape[2] else cache_start + T
-            k, v = k_buf[:, :, :end].transpose(1, 2), v_buf[:, :, :end].transpose(1, 2)
+            k, v = kv_cache.update(cache_positions, k, v)
         if last_only:
             if "cu_seqlens" in attn_kwargs:
                 raise ValueError("last_logits_only does not apply to packed sequences (cu_seqlens)")
@@ -120,9 +141,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache=None, cache_start: int = 0, last_only: bool = False):
+    def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache: KVCache | None = None,
+                cache_positions: range | None = None, last_only: bool = False):
         """last_only: output the last position only (its keys and values still cover every position)."""
-        h = self.self_attn(self.input_layernorm(x), cos, sin, attn_kwargs, kv_cache, cache_start, last_only)
+        h = self.self_attn(self.input_layernorm(x), cos, sin, attn_kwargs, kv_cache, cache_positions, last_only)
         x = (x[:, -1:] if last_only else x) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -171,18 +193,18 @@ class Llama(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         attn_kwargs: dict | None = None,
-        kv_caches: list | None = None,
-        cache_start: int = 0,
+        kv_caches: list[KVCache] | None = None,
+        cache_positions: range | None = None,
         reduction: str = "mean",
         last_logits_only: bool = False,
         logit_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V], or with `labels` the next-token loss (never materialising the logits).
 
-        position_ids: [B, T] (default 0..T-1 from cache_start); packed sequences restart them per document.
+        position_ids: [B, T] (default: cache_positions, else 0..T-1); packed sequences restart them per document.
         attn_kwargs: passed to `lynx.attention.attention` (a mask for generation, segment info for packing).
-        kv_caches: one (k, v) buffer pair per layer (see `new_kv_caches`), written at [cache_start, cache_start + T);
-        attention covers the cache up to cache_start + T, or all of it when attn_mask is [B, 1, T, T_max].
+        kv_caches: one KVCache per layer (see `new_kv_caches`), written at the slots cache_positions (default
+        0..T-1); what attention then reads, and so the mask it needs, is KVCache.update's rule.
         last_logits_only: logits of the last position only, [B, 1, V] (generation: a prefill needs no more). The last
         block then runs its query, attention output and MLP for that position alone (every position's keys and values
         are still computed and cached): nothing else reads the other positions' final hidden states, and projecting
@@ -193,26 +215,29 @@ class Llama(nn.Module):
         B, T = input_ids.shape
         if last_logits_only and labels is not None:
             raise ValueError("last_logits_only returns logits; it cannot be combined with labels (a loss)")
+        if cache_positions is None:
+            cache_positions = range(T)
         if position_ids is None:
-            position_ids = torch.arange(cache_start, cache_start + T, device=input_ids.device).expand(B, T)
+            start = cache_positions.start
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         h = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.config, position_ids, h.dtype)
         for i, layer in enumerate(self.layers):
             cache = kv_caches[i] if kv_caches is not None else None
             last_only = last_logits_only and i == len(self.layers) - 1
-            h = layer(h, cos, sin, attn_kwargs or {}, cache, cache_start, last_only)
+            h = layer(h, cos, sin, attn_kwargs or {}, cache, cache_positions, last_only)
         if logit_positions is not None:
             if labels is not None:
                 raise ValueError("logit_positions returns logits; it cannot be combined with labels (a loss)")
             h = h.reshape(1, B * T, -1)[:, logit_positions]
         return self.head(h, labels, reduction)
 
-    def new_kv_caches(self, batch_size: int, max_len: int, dtype=None, device=None) -> list:
+    def new_kv_caches(self, batch_size: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
+        """One empty KVCache per layer, in the model's dtype and device unless given."""
         cfg = self.config
-        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         dtype = dtype or self.embed_tokens.weight.dtype
         device = device or self.embed_tokens.weight.device
-        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        return [KVCache(batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype, device=device)
                 for _ in range(cfg.num_hidden_layers)]
 
     @torch.no_grad()

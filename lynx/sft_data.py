@@ -23,16 +23,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lynx.prompt import truncate_document
+
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 
-# The DOCUMENT section of the Lynx judge prompt (lynx/prompt.py): the text between these markers is what
-# "truncate_document" shortens. The marker replaces the removed middle so the model sees the document was cut.
-DOCUMENT_START = "\n--\nDOCUMENT:\n"
-DOCUMENT_END = "\n\n--\nANSWER:"
-TRUNCATION_MARKER = "\n[... document truncated ...]\n"
 
-OVERFLOW_POLICIES = ("truncate_document", "drop")
+def drop(tokenizer, messages: list[dict], max_seq_len: int) -> None:
+    """Overflow policy: an over-long row is dropped."""
+    return None
+
+
+# What happens to a row longer than max_seq_len, by the names `data.overflow` takes in a config. A policy maps
+# (tokenizer, messages, max_seq_len) to shorter messages that fit, or None to drop the row.
+OVERFLOW_POLICIES = {"truncate_document": truncate_document, "drop": drop}
 
 
 # --- rows ---------------------------------------------------------------------------------------------------------
@@ -149,31 +153,31 @@ def chat_ids_and_labels(tokenizer, messages: list[dict]) -> tuple[list[int], lis
     return ids, labels
 
 
-def tokenize_row(tokenizer, row: dict, *, max_seq_len: int, overflow: str = "truncate_document",
+def tokenize_row(tokenizer, row: dict, *, max_seq_len: int, overflow="truncate_document",
                  train_on_inputs: bool = False) -> Example | None:
     """A row (from `load_rows`) -> Example, or None when it is longer than max_seq_len and cannot be kept.
 
     train_on_inputs: labels on every token (prompt and template included), not only the assistant turns: plain
     language-model loss over the whole conversation (axolotl's option of the same name).
 
-    overflow="drop": over-long rows are dropped. overflow="truncate_document": the DOCUMENT section of the Lynx
-    prompt (between "DOCUMENT:\\n" and "\\n\\n--\\nANSWER:" in a user turn) loses its middle, replaced by
-    TRUNCATION_MARKER, until the row fits (Example.truncated is then True); rows without a document section, or
-    that do not fit even with the document removed entirely, are dropped.
+    overflow: the policy for over-long rows, a name in OVERFLOW_POLICIES or a function of the same form. "drop":
+    the row is dropped. "truncate_document" (`lynx.prompt.truncate_document`): the DOCUMENT section of the Lynx
+    prompt loses its middle until the row fits; rows without a document section, or that do not fit even with the
+    document removed entirely, are dropped. A row the policy shortened has Example.truncated True.
     """
-    if overflow not in OVERFLOW_POLICIES:
-        raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+    policy = OVERFLOW_POLICIES.get(overflow) if isinstance(overflow, str) else overflow
+    if not callable(policy):
+        raise ValueError(f"overflow must be one of {sorted(OVERFLOW_POLICIES)} or a function, got {overflow!r}")
     messages = row_messages(row)
     ids, labels = chat_ids_and_labels(tokenizer, messages)
     truncated = False
     if len(ids) > max_seq_len:
-        if overflow == "drop":
-            return None
-        messages = truncate_document(tokenizer, messages, max_seq_len)
+        messages = policy(tokenizer, messages, max_seq_len)
         if messages is None:
             return None
         ids, labels = chat_ids_and_labels(tokenizer, messages)
-        assert len(ids) <= max_seq_len
+        if len(ids) > max_seq_len:
+            raise ValueError(f"overflow policy {overflow!r} left a row of {len(ids)} tokens > max_seq_len={max_seq_len}")
         truncated = True
     return Example(ids, list(ids) if train_on_inputs else labels, truncated=truncated)
 
@@ -187,47 +191,7 @@ def row_messages(row: dict) -> list[dict]:
     raise ValueError(f"a row needs 'messages' or 'prompt' and 'response'; got keys {sorted(row)}")
 
 
-def truncate_document(tokenizer, messages: list[dict], max_seq_len: int) -> list[dict] | None:
-    """Messages whose chat-template ids fit max_seq_len after cutting the middle of the Lynx DOCUMENT section, or
-    None if there is no document section or even an empty document does not fit.
-
-    Cuts are made in characters (so no token is split into invalid UTF-8), sized from the measured characters per
-    token of the document, and re-measured until the row fits; the first half of the kept text comes from the
-    start of the document and the second half from its end."""
-    for index, message in enumerate(messages):
-        content = message["content"]
-        start = content.find(DOCUMENT_START)
-        end = content.rfind(DOCUMENT_END)
-        if message["role"] == "user" and start >= 0 and end >= start + len(DOCUMENT_START):
-            break
-    else:
-        return None
-    before, document, after = content[: start + len(DOCUMENT_START)], content[start + len(DOCUMENT_START) : end], content[end:]
-
-    def with_document(text: str) -> list[dict]:
-        new = list(messages)
-        new[index] = {**message, "content": before + text + after}
-        return new
-
-    keep = len(document)  # characters of the original document kept
-    kept_text = document
-    marker_tokens = len(tokenizer.encode(TRUNCATION_MARKER, allow_special=False))
-    n_tokens = len(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
-    while n_tokens > max_seq_len:
-        if keep == 0:
-            return None
-        kept_tokens = len(tokenizer.encode(kept_text, allow_special=False))
-        chars_per_token = keep / max(1, kept_tokens)
-        # Tokens to remove: the overflow, room for the marker on the first cut, and one for the seams.
-        excess = n_tokens - max_seq_len + (marker_tokens if keep == len(document) else 0) + 1
-        keep = max(0, keep - max(1, math.ceil(excess * chars_per_token)))
-        head, tail = keep - keep // 2, keep // 2
-        kept_text = document[:head] + TRUNCATION_MARKER + (document[len(document) - tail :] if tail else "")
-        n_tokens = len(tokenizer.apply_chat_template(with_document(kept_text), add_generation_prompt=False))
-    return with_document(kept_text)
-
-
-def tokenize_rows(tokenizer, rows: list[dict], *, max_seq_len: int, overflow: str = "truncate_document",
+def tokenize_rows(tokenizer, rows: list[dict], *, max_seq_len: int, overflow="truncate_document",
                   train_on_inputs: bool = False, progress: bool = False, keep_dropped: bool = False,
                   group_key: str | None = None) -> tuple[list[Example], TokenizeStats]:
     """Tokenize every row; returns the kept examples (in row order) and how many were truncated or dropped.

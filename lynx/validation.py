@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from lynx import sft_data
 from lynx.evaluate import auroc, normalize_label
-from lynx.prompt import judge_messages
+from lynx.prompt import judge_messages, truncate_document
 
 JUDGE_KEYS = ("passage", "question", "answer", "label")
 
@@ -75,7 +75,7 @@ class Evaluator:
                 ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
                 if len(ids) > room:
                     header = len(ids) - len(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
-                    cut = sft_data.truncate_document(tokenizer, messages, room - header)
+                    cut = truncate_document(tokenizer, messages, room - header)
                     if cut is None:
                         continue
                     ids = tokenizer.apply_chat_template(cut, add_generation_prompt=True)

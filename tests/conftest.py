@@ -44,3 +44,13 @@ def make_tiny_checkpoint(path: Path, seed: int = 0, dtype=torch.float32, **overr
 @pytest.fixture
 def tiny_checkpoint(tmp_path) -> Path:
     return make_tiny_checkpoint(tmp_path / "tiny")
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny trainer models are far too small for intra-op threads; on a shared 2-core machine they only add
+    contention. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

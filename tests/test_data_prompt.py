@@ -2,7 +2,9 @@
 
 import json
 
-from lynx.prompt import PROMPT_TEMPLATE, format_prompt, judge_messages, training_messages
+from lynx.prompt import (
+    DOCUMENT_END, DOCUMENT_START, PROMPT_TEMPLATE, format_prompt, judge_messages, training_messages,
+)
 
 # Verbatim from the Lynx model card / LYNX.md, with the placeholders left in; doubled braces are literal braces.
 PUBLISHED_TEMPLATE = """
@@ -45,3 +47,9 @@ def test_messages():
     target = json.dumps({"REASONING": ["x"], "SCORE": "PASS"})
     msgs = training_messages("q", "c", "a", target)
     assert [m["role"] for m in msgs] == ["user", "assistant"] and msgs[1]["content"] == target
+
+
+def test_document_markers_enclose_the_document_of_the_published_template():
+    # truncate_document finds the document between these markers: they must frame {context} exactly, once.
+    assert PUBLISHED_TEMPLATE.count(DOCUMENT_START + "{context}" + DOCUMENT_END) == 1
+    assert PUBLISHED_TEMPLATE.count(DOCUMENT_START) == PUBLISHED_TEMPLATE.count(DOCUMENT_END) == 1

@@ -16,7 +16,7 @@ from lynx.demo import (REPO, paired_bootstrap_gain, split_demo_config, stratifie
 from lynx.evaluate import compute_metrics
 from lynx.judge import FAST_PREFIX
 from lynx.sft_data import load_rows
-from lynx.trainer import load_config, validate
+from lynx.train import load_config, validate
 
 
 def test_unsupported_fraction_counts_answer_words_missing_from_the_passage():

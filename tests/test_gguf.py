@@ -408,7 +408,7 @@ def test_smollm2_convert_cli_folder_loads_in_transformers(smollm2, tmp_path):
 
 def test_trainer_init_from_gguf(tmp_path):
     """model.init_from: x.gguf fine-tunes straight from the file: one step at lr 0 exports the file's weights."""
-    from lynx.trainer import load_config, train
+    from lynx.train import load_config, train
     from trainer_helpers import synthetic_examples, tiny_overrides
 
     path = write_gguf(make_tiny_hf_model(seed=4), tmp_path / "tiny.gguf", Q.Q8_0)

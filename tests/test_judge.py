@@ -124,8 +124,9 @@ def test_fast_mode_p_pass_matches_direct_forward(judge):
             logits = judge.model(torch.tensor([ids]))[0, -1]
         expected = reference_p_pass(logits, pass_ids, fail_ids)
         assert v.p_pass == pytest.approx(expected, abs=1e-5)
-        assert v.score == ("PASS" if expected >= 0.5 else "FAIL")
-        assert v.reasoning == [] and parse_output(v.raw).score == v.score
+        word = "PASS" if expected >= 0.5 else "FAIL"
+        assert v.score == word and v.reasoning == []
+        assert v.raw == '{"REASONING": [], "SCORE": "' + word + '"}'  # the forced prefix, the word, the close
         assert v.prompt_tokens == len(ids)
     # Batched (left padded) equals one at a time.
     single = judge.judge(*EXAMPLES[1], fast=True)
@@ -168,13 +169,30 @@ def test_score_step_handles_a_word_joined_to_a_space():
     assert score_step(tok, tok.encode("no verdict here")) is None
 
 
-def test_full_mode_end_to_end_is_consistent_and_batch_invariant(judge):
+def reference_greedy(model, prompt: list[int], max_new_tokens: int, stop_ids) -> list[int]:
+    """Greedy decoding the slow way: a full forward pass over the whole sequence per new token, no cache, no
+    padding. Returns the new tokens, stop token excluded."""
+    ids = list(prompt)
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            token = int(model(torch.tensor([ids]))[0, -1].argmax())
+        if token in stop_ids:
+            break
+        ids.append(token)
+    return ids[len(prompt):]
+
+
+def test_full_mode_end_to_end_matches_plain_greedy_decoding(judge):
+    """The raw completion of each example (batched with left padding and the KV cache, two to a batch) is the
+    decoding of a cache-free greedy loop run on that example alone."""
     verdicts = judge.judge_batch(EXAMPLES, batch_size=2)
-    for v, ex in zip(verdicts, EXAMPLES):
-        assert parse_output(v.raw) == (v.score, v.reasoning)
-        assert v.p_pass is None or 0.0 <= v.p_pass <= 1.0
-        assert v.skipped is None and not v.truncated
-        assert judge.judge(*ex).raw == v.raw
+    for v, (q, c, a) in zip(verdicts, EXAMPLES):
+        prompt, _ = judge.prompt_ids(q, c, a)
+        tokens = reference_greedy(judge.model, prompt, judge.max_new_tokens, judge.tokenizer.stop_ids)
+        assert v.raw == judge.tokenizer.decode(tokens)
+        assert v.prompt_tokens == len(prompt) and v.skipped is None and not v.truncated
+        if v.score is None:  # no score word generated: nothing to read p_pass from
+            assert v.p_pass is None
 
 
 # --- long inputs, loading -------------------------------------------------------------------------------------------

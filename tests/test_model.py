@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_tiny_checkpoint, make_tiny_hf_model
 
-from lynx.model import Llama
+from lynx.model import KVCache, Llama
 
 # Llama-3.1 style scaling, shrunk: with head_dim 16 and rope_theta 1e4 the longest wavelengths exceed 128 positions,
 # so the "llama3" rule changes several frequency bands and inputs longer than 128 tokens see the difference.
@@ -191,9 +191,23 @@ def test_last_logits_only_matches_the_full_forward(tiny_checkpoint):
     full = model(ids, kv_caches=full_caches, **kwargs)
     last = model(ids, kv_caches=last_caches, last_logits_only=True, **kwargs)
     torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=1e-5)
-    for (k_full, v_full), (k_last, v_last) in zip(full_caches, last_caches):
-        torch.testing.assert_close(k_last, k_full, rtol=0, atol=0)
-        torch.testing.assert_close(v_last, v_full, rtol=0, atol=0)
+    for cache_full, cache_last in zip(full_caches, last_caches):
+        torch.testing.assert_close(cache_last.k, cache_full.k, rtol=0, atol=0)
+        torch.testing.assert_close(cache_last.v, cache_full.v, rtol=0, atol=0)
 
     with pytest.raises(ValueError, match="labels"):
         model(ids, ids, last_logits_only=True)
+
+
+def test_kv_cache_update_writes_the_slots_and_returns_what_attention_reads():
+    cache = KVCache(2, 6, 1, 2, dtype=torch.float32)
+    k, v = torch.arange(12.0).view(2, 3, 1, 2), -torch.arange(12.0).view(2, 3, 1, 2)
+    keys, values = cache.update(range(3), k, v)  # a prefill reads the three slots it wrote
+    assert torch.equal(keys, k) and torch.equal(values, v)
+    k1 = torch.full((2, 1, 1, 2), 7.0)
+    keys, values = cache.update(range(3, 4), k1, -k1)  # a decode step reads the whole buffer, unwritten slots 0
+    assert keys.shape == (2, 6, 1, 2)
+    assert torch.equal(keys[:, :3], k) and torch.equal(keys[:, 3:4], k1) and not keys[:, 4:].any()
+    assert torch.equal(values[:, 3:4], -k1) and torch.equal(cache.k[:, :, 3], k1[:, 0])  # cache layout [B, H, S, D]
+    with pytest.raises(ValueError, match="consecutive slots"):
+        cache.update(range(5, 7), k[:, :2], v[:, :2])  # past the end

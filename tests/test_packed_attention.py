@@ -1,4 +1,6 @@
-"""Packed-sequence attention: several documents per row must behave exactly like each document alone."""
+"""Packed-sequence attention: several documents per row must behave exactly like each document alone, on every path
+(per-segment SDPA, the dense block-causal mask that torch.compile takes, flash-attn's varlen call), and match a
+dense softmax(QK^T / sqrt(D) + M) V reference whose mask M is written out from the document lengths."""
 
 from __future__ import annotations
 
@@ -105,9 +107,12 @@ def test_flash_varlen_path_passes_int32_offsets_and_flat_shapes(model, monkeypat
         assert c["max_q"] == c["max_k"] == 12 and isinstance(c["max_q"], int)
         assert c["causal"] is True
     monkeypatch.setattr(attention_module, "use_flash_varlen", lambda q: False)
+    masks = spy_on(monkeypatch, "block_causal_mask")
+    monkeypatch.setattr(attention_module, "CPU_PACKED_IMPL", "mask")
     with torch.no_grad():
         via_mask = model(input_ids, position_ids=position_ids, attn_kwargs=kwargs)
     assert len(calls) == cfg.num_hidden_layers  # the mask path did not call flash
+    assert len(masks) == cfg.num_hidden_layers  # ... and did build the dense mask (the path torch.compile takes)
     torch.testing.assert_close(via_flash, via_mask, rtol=1e-5, atol=1e-5)
 
 
@@ -140,20 +145,83 @@ def test_block_causal_mask_is_causal_within_segments_only():
     assert torch.equal(mask[0, 0], expected_row0) and torch.equal(mask[1, 0], expected_row1)
 
 
-def test_packed_matches_per_segment_sdpa_with_gqa_and_gradients():
+def spy_on(monkeypatch, name: str) -> list:
+    """Record every call of lynx.attention's function `name` (the calls still run)."""
+    calls, original = [], getattr(attention_module, name)
+
+    def recorded(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, name, recorded)
+    return calls
+
+
+def dense_reference(q, k, v, rows: list[list[int]], prefix_len: int = 0) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(D) + M) V in fp32, q [B, T, Hq, D], k/v [B, T, Hkv, D]. M is 0 where query i may see
+    key j and -inf elsewhere: j <= i in the same document, or (prefix_len > 0) j among the row's first prefix_len
+    tokens. rows: each row's segment lengths, in order (the first is the prefix when prefix_len > 0)."""
+    B, T, Hq, D = q.shape
+    mask = torch.full((B, 1, T, T), float("-inf"))
+    for b, lengths in enumerate(rows):
+        segment = [i for i, n in enumerate(lengths) for _ in range(n)]
+        for i in range(T):
+            for j in range(i + 1):
+                if segment[i] == segment[j] or j < prefix_len:
+                    mask[b, 0, i, j] = 0.0
+    group = Hq // k.shape[2]  # GQA: query head h reads KV head h // group
+    q, k, v = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / D**0.5 + mask, dim=-1)
+    return (probs @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("impl", ["segments", "mask"])
+@pytest.mark.parametrize("rows, prefix_len", [([[4, 7, 5], [9, 4, 3]], 0), ([[4, 7, 5], [4, 12]], 4)],
+                         ids=["packed", "shared_prefix"])
+def test_packed_attention_matches_a_dense_reference_with_gqa_and_gradients(monkeypatch, impl, rows, prefix_len):
+    monkeypatch.setattr(attention_module, "CPU_PACKED_IMPL", impl)
+    segments, masks = spy_on(monkeypatch, "segment_attention"), spy_on(monkeypatch, "block_causal_mask")
     torch.manual_seed(0)
-    cu = torch.tensor([0, 4, 11, 16, 20, 32], dtype=torch.int32)  # B=2, T=16
-    q = torch.randn(2, 16, 4, 8, requires_grad=True)
-    k = torch.randn(2, 16, 2, 8, requires_grad=True)
-    v = torch.randn(2, 16, 2, 8, requires_grad=True)
-    out = attention(q, k, v, cu_seqlens=cu, max_seqlen=12)
-    ref = fake_flash_attn_varlen_func([])(q.reshape(32, 4, 8), k.reshape(32, 2, 8), v.reshape(32, 2, 8),
-                                          cu, cu, 12, 12, causal=True).view(2, 16, 4, 8)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    B, T = len(rows), 16
+    ends = torch.tensor([n for lengths in rows for n in lengths]).cumsum(0)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), ends]).to(torch.int32)
+    q = torch.randn(B, T, 4, 8, requires_grad=True)
+    k = torch.randn(B, T, 2, 8, requires_grad=True)
+    v = torch.randn(B, T, 2, 8, requires_grad=True)
+    out = attention(q, k, v, cu_seqlens=cu, max_seqlen=12, prefix_len=prefix_len)
+    ref = dense_reference(q, k, v, rows, prefix_len)
+    assert (len(segments), len(masks)) == ((1, 0) if impl == "segments" else (0, 1))  # the path asked for ran
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_blocks_match_eager_on_packed_batches(tmp_path):
+    """parallel.compile=true compiles every block (lynx.parallel.parallelize); under compile packed attention takes
+    the dense-mask path. One tiny packed batch: the compiled model's loss and gradients equal eager's, and the
+    compiled graph has no break (the per-segment loop, which reads cu_seqlens on the host, would break it)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    path = make_tiny_checkpoint(tmp_path / "tiny", num_hidden_layers=1)
+    eager = Llama.from_pretrained(path, dtype=torch.float32)
+    compiled = Llama.from_pretrained(path, dtype=torch.float32)
+    for block in compiled.layers:
+        block.compile()  # what parallelize does for cfg.compile
+    input_ids, position_ids, cu_seqlens, _ = packed_batch(seed=4)
+    kwargs = dict(position_ids=position_ids, attn_kwargs={"cu_seqlens": cu_seqlens, "max_seqlen": 12})
+    losses = []
+    for model in (eager, compiled):
+        loss = model(input_ids, input_ids, **kwargs)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    torch._dynamo.reset()
 
 
 def test_segment_spanning_two_rows_is_refused():

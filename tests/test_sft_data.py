@@ -8,10 +8,9 @@ import random
 import pytest
 import torch
 
-from lynx.prompt import training_messages
+from lynx.prompt import TRUNCATION_MARKER, training_messages
 from lynx.sft_data import (
     IGNORE_INDEX,
-    TRUNCATION_MARKER,
     Example,
     PackedLoader,
     PackedSequence,
@@ -176,6 +175,12 @@ def test_overflow_policies_and_counts(tok):
     assert (stats.kept, stats.truncated, stats.dropped) == (1, 0, 4)
     with pytest.raises(ValueError, match="overflow"):
         tokenize_row(tok, rows[0], max_seq_len=500, overflow="cut")
+    # A policy is any function (tokenizer, messages, max_seq_len) -> messages that fit, or None to drop the row.
+    keep_last_turns = lambda tok, messages, n: [{"role": "user", "content": "Short."}, messages[-1]]  # noqa: E731
+    example = tokenize_row(tok, rows[1], max_seq_len=500, overflow=keep_last_turns)
+    assert example.truncated and tok.decode(example.input_ids).count("Short.") == 1
+    with pytest.raises(ValueError, match="overflow policy"):
+        tokenize_row(tok, rows[1], max_seq_len=500, overflow=lambda tok, messages, n: messages)
 
 
 # --- packing ------------------------------------------------------------------------------------------------------

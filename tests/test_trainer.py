@@ -15,17 +15,11 @@ from safetensors.torch import load_file
 
 from conftest import REPO, make_tiny_checkpoint
 from lynx.model import Llama
-from lynx.trainer import ConfigError, load_config, main, train
+from lynx.train import ConfigError, load_config, main, train
 from trainer_helpers import TINY_MODEL, metrics, synthetic_examples, tiny_overrides
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny model is far too small for intra-op threads; on a shared 2-core machine they only add contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- config -------------------------------------------------------------------------------------------------------
@@ -255,7 +249,7 @@ def test_resuming_with_another_world_size_is_a_clear_error(tmp_path):
 
 def test_step_flops_counts_parameters_and_causal_attention_per_document():
     from lynx.config import LlamaConfig
-    from lynx.trainer import step_flops
+    from lynx.train.metrics import step_flops
 
     cfg = LlamaConfig(**TINY_MODEL)
     batch = {"cu_seqlens": torch.tensor([0, 3, 8], dtype=torch.int32), "num_tokens": 8}
@@ -268,12 +262,14 @@ def test_one_rank_bf16_gradients_are_the_plain_bf16_gradients_upcast(tmp_path):
     exactly the bf16 gradients of an unsharded bf16 model, upcast: no rounding, no scaling on the way."""
     import torch.distributed as dist
 
-    from lynx import parallel, sft_data, trainer
+    from lynx import parallel, sft_data
+    from lynx.distributed import init_distributed
+    from lynx.train.build import build_model
 
     cfg = load_config(None, tiny_overrides(tmp_path, **{"parallel.param_dtype": "bfloat16"}))
-    device, owns_group = trainer.init_distributed()
+    device, owns_group = init_distributed()
     try:
-        model = trainer.build_model(cfg, parallel.build_mesh("cpu", 1, 1), device)
+        model = build_model(cfg, parallel.build_mesh("cpu", 1, 1), device)
         reference = Llama(model.config)
         reference.load_state_dict({k: v.full_tensor() for k, v in model.state_dict().items()})
         reference.to(torch.bfloat16)
@@ -302,7 +298,7 @@ def test_train_on_inputs_reaches_the_tokenized_data(tmp_path):
     from lynx.prompt import training_messages
     from lynx.sft_data import IGNORE_INDEX
     from lynx.tokenizer import Tokenizer
-    from lynx.trainer import tokenize_data
+    from lynx.train.build import tokenize_data
 
     rows = tmp_path / "train.jsonl"
     rows.write_text(json.dumps({"messages": training_messages("How many?", "Forty adults.", "Forty.", "PASS")}) + "\n")

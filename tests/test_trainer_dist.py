@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_checkpoint
-from lynx.trainer import load_config, train
+from lynx.train import load_config, train
 from trainer_helpers import metrics, run_ranks, synthetic_examples, tiny_overrides
 
 

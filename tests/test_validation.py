@@ -17,7 +17,7 @@ from lynx.tokenizer import Tokenizer
 from lynx.validation import Evaluator
 from tests.test_judge import EXAMPLES, make_tiny_judge_dir
 from trainer_helpers import metrics, tiny_overrides
-from lynx.trainer import load_config, train
+from lynx.train import load_config, train
 
 
 @pytest.fixture

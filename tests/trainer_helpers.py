@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from lynx.sft_data import IGNORE_INDEX, Example
-from lynx.trainer import load_config, train
+from lynx.train import load_config, train
 
 TINY_MODEL = dict(vocab_size=320, hidden_size=64, intermediate_size=98, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=512, bos_token_id=0,

@@ -1,0 +1,105 @@
+"""What the loop trains: the sharded model (from a checkpoint, a GGUF file or random init; frozen lower blocks kept
+whole outside FSDP) and the tokenized training rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lynx import parallel
+from lynx.config import ConfigError, LlamaConfig
+from lynx.train.config import TrainConfig
+
+
+def build_model(cfg: TrainConfig, mesh, device: torch.device):
+    """Build on the meta device, shard, allocate only this rank's shards, then fill them (checkpoint or random)."""
+    from lynx.model import Llama
+
+    gguf_file = cfg.model.init_from is not None and Path(cfg.model.init_from).suffix == ".gguf"
+    if gguf_file:
+        from lynx.gguf import read_gguf_config
+
+        if not Path(cfg.model.init_from).is_file():
+            raise FileNotFoundError(f"model.init_from: GGUF file not found: {cfg.model.init_from}")
+        model_cfg = read_gguf_config(cfg.model.init_from)
+    elif cfg.model.init_from is not None:
+        path = Path(cfg.model.init_from)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model.init_from: checkpoint directory not found: {path}")
+        model_cfg = LlamaConfig.from_json(path / "config.json")
+    else:
+        model_cfg = LlamaConfig.from_hf_dict(cfg.model.config, source="model.config")
+    with torch.device("meta"):
+        model = Llama(model_cfg)
+    frozen = frozen_modules(model, cfg.model.train_layers)
+    for module in frozen:
+        module.requires_grad_(False)
+    parallel.parallelize(model, mesh, cfg.parallel, frozen)
+    # The sharded master copy is fp32 (the optimizer updates it); MixedPrecisionPolicy gathers it in param_dtype.
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty unties a tied embedding that FSDP does not manage (frozen, kept whole)
+    if gguf_file:
+        parallel.load_gguf_into_sharded(model, cfg.model.init_from)
+    elif cfg.model.init_from is not None:
+        parallel.load_hf_into_sharded(model, cfg.model.init_from)
+    else:
+        parallel.init_random_sharded(model, seed=cfg.seed, std=cfg.model.init_std)
+    return model
+
+
+def frozen_modules(model, train_layers: int | None) -> list[torch.nn.Module]:
+    """The embedding and every block below the top `train_layers` (none when train_layers is None). A tied lm_head
+    is the embedding, so it is frozen with it."""
+    if train_layers is None:
+        return []
+    n = len(model.layers)
+    if train_layers > n:
+        raise ConfigError(f"model.train_layers={train_layers} but the model has only {n} blocks")
+    return [model.embed_tokens, *model.layers[: n - train_layers]]
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from lynx.tokenizer import Tokenizer
+
+    path = cfg.model.tokenizer or cfg.model.init_from
+    if path is None:
+        raise ConfigError("model.tokenizer: no tokenizer configured (needed to tokenize data.train and to export)")
+    return Tokenizer.from_pretrained(path)
+
+
+def tokenize_data(cfg: TrainConfig, tokenizer, rank: int):
+    from lynx import sft_data
+
+    if cfg.data.train is None:
+        raise ConfigError("data.train: no training file configured")
+    rows = sft_data.load_rows(cfg.data.train)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    options = dict(max_seq_len=cfg.data.max_seq_len, overflow=cfg.data.overflow,
+                   train_on_inputs=cfg.data.train_on_inputs, progress=rank == 0, group_key=cfg.data.pack_group_key)
+    if world == 1:
+        return sft_data.tokenize_rows(tokenizer, rows, **options)
+    # Each rank tokenizes every world-th row, then all gather: every rank ends with the same examples in row order
+    # (tokenize_row is deterministic), in 1/world of the time. An error on any rank is raised on all of them.
+    mine, error = None, None
+    try:
+        mine, _ = sft_data.tokenize_rows(tokenizer, rows[rank::world], keep_dropped=True, **options)
+    except Exception as e:  # noqa: BLE001 - re-raised below on every rank
+        error = f"rank {rank}: {type(e).__name__}: {e}"
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (mine, error))
+    errors = [err for _, err in gathered if err]
+    if errors:
+        raise ValueError("tokenizing data.train failed: " + "; ".join(errors))
+    stats = sft_data.TokenizeStats(rows=len(rows))
+    examples = []
+    for i in range(len(rows)):
+        example = gathered[i % world][0][i // world]
+        if example is None:
+            stats.dropped += 1
+            continue
+        stats.kept += 1
+        stats.truncated += example.truncated
+        examples.append(example)
+    return examples, stats
