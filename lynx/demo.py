@@ -427,12 +427,12 @@ def main(argv=None) -> int:
     if plot_training(train_dir / "metrics.jsonl", out / "training.png"):
         plots.append("training.png")
     minutes = (time.perf_counter() - start) / 60
+    overrides = f" and the overrides `{' '.join(args.overrides)}`" if args.overrides else ""
     lines = [
         "# lynx demo", "",
-        f"Base model: {base.name}, fine-tuned with `{' '.join(args.overrides) or 'the config as is'}` "
-        f"({args.config.name}). Held-out test split: a stratified subset of {len(test_rows)} of {len(test)} rows, "
-        f"passages windowed to {demo['max_passage_chars']} characters. Accuracy %, 95% intervals from 1,000 "
-        "bootstrap resamples within each source:", "",
+        f"Base model: {base.name}, fine-tuned with {args.config.name}{overrides}. Held-out test split: a stratified "
+        f"subset of {len(test_rows)} of {len(test)} rows, passages windowed to {demo['max_passage_chars']} "
+        "characters. Accuracy %, 95% intervals from 1,000 bootstrap resamples within each source:", "",
         comparison_table(reports), "",
         f"Pooled-accuracy gain of the fine-tuned judge (p_pass >= 0.5) over the lexical baseline: "
         f"{100 * gain['gain']:+.1f} points, paired-bootstrap 95% CI {100 * gain['ci95'][0]:+.1f} to "
