@@ -236,8 +236,11 @@ def test_launch_scripts_print_the_readme_command(tmp_path):
 def test_watch_refreshes_until_interrupted_and_bad_paths_are_errors(tmp_path):
     run_dir = tmp_path / "w"
     train(load_config(None, tiny_overrides(run_dir, max_steps=2)), examples=synthetic_examples())
+    # A test run in the background (nohup, `&`) inherits SIGINT ignored, and Python then keeps it ignored: restore
+    # the default in the child, as an interactive terminal has it, so Ctrl-C is what the test sends.
     proc = subprocess.Popen([sys.executable, "-m", "lynx.runs", str(run_dir), "--watch", "0.2"], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(8)  # interpreter start-up, then refreshes every 0.2 s
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
