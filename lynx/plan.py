@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -338,11 +339,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m lynx.plan", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Will this training config fit the GPUs, and how long will it take? Traces one real training "
-        "step (lynx.train.train_step on the model lynx.parallel shards) at full size on one simulated rank: fake "
-        "tensors and a fake process group, so no GPU and no memory are needed. Prints per-GPU memory (parameters, "
-        "gradients, optimizer state, the peak, the largest allocation), whether it fits, and the step and run "
-        "time at an assumed MFU. Exits 1 when the plan does not fit, after naming the smallest change that fits.",
+        description="Will this training config fit the GPUs, and how long will it take?\n\n"
+        "Traces one real training step (lynx.train.train_step on the model lynx.parallel shards) at full size on\n"
+        "one simulated rank: fake tensors and a fake process group, so no GPU and no memory are needed. Prints per\n"
+        "GPU: parameters, gradients, optimizer state, the peak, the largest allocation, whether it fits, and the\n"
+        "step and run time at an assumed MFU. When it does not fit, re-plans with the smallest change that fits\n"
+        "(activation checkpointing, micro-batch 1, full sharding, more nodes) and exits 1.",
         epilog="example: python -m lynx.plan --config configs/lynx-70b.yaml --nnodes 4 --nproc-per-node 8\n\n"
         "config keys (override any as dotted.key=value):\n" + config_help(),
     )
@@ -364,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report(plan, cfg, args.mfu, data_note), flush=True)
         if plan.fits:
             return 0
-        print(f"\nDOES NOT FIT: peak {gib(plan.peak_bytes)} per GPU, but a {args.gpu} has {gib(plan.gpu_bytes)} "
+        print(f"\nDOES NOT FIT: peak {gib(plan.peak_bytes)} per GPU, but {args.gpu} has {gib(plan.gpu_bytes)} "
               f"({gib(plan.budget_bytes)} after {HEADROOM:.0%} headroom)", flush=True)
         for what, overrides, nnodes in fixes(cfg, args.nnodes, args.nproc_per_node):
             changed = load_config(args.config, [*args.overrides, *overrides])
@@ -372,9 +374,11 @@ def main(argv: list[str] | None = None) -> int:
             verdict = "fits" if fixed.fits else "still does not fit"
             print(f"  with {what}: peak {gib(fixed.peak_bytes)}, {verdict}", flush=True)
             if fixed.fits:
-                command = " ".join(["python -m lynx.plan --config", args.config, "--nnodes", str(nnodes),
-                                    "--nproc-per-node", str(args.nproc_per_node), "--gpu", args.gpu,
-                                    *args.overrides, *overrides])
+                changed_keys = {o.split("=", 1)[0] for o in overrides}
+                kept = [o for o in args.overrides if o.split("=", 1)[0].strip() not in changed_keys]
+                command = shlex.join(["python", "-m", "lynx.plan", "--config", args.config, "--nnodes", str(nnodes),
+                                      "--nproc-per-node", str(args.nproc_per_node), "--gpu", args.gpu, *kept,
+                                      *overrides])
                 print(f"smallest change that fits: {what}, step time {fixed.step_seconds:.2f} s at "
                       f"{args.mfu:.0%} MFU\n  {command}")
                 break

@@ -112,3 +112,18 @@ def test_shipped_recipes_trace_at_full_size_without_allocating(config, nnodes, r
     assert p.shard_group == group
     assert p.param_bytes == p.grad_bytes == p.optim_bytes == total * 4 // group  # every row count divides evenly
     assert p.peak_bytes > 3 * p.param_bytes and p.largest_bytes > 0 and p.steps == 3 * (2400 // 32)
+
+
+def test_a_plan_that_does_not_fit_names_its_peak_and_the_smallest_change_that_fits(capsys):
+    # Four 70B-sized blocks over a tiny vocabulary, 4 x 8000 tokens per micro-batch and no activation checkpointing:
+    # ~40 GB of activations on a 40 GB GPU (few layers keep the trace short; fake tensors cost nothing by size).
+    model = dict(SMALL_MODEL, hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+                 num_key_value_heads=8, max_position_embeddings=8192)
+    code = plan.main(["--config", "configs/lynx-8b.yaml", "--nnodes", "1", "--nproc-per-node", "8", "--gpu",
+                      "a100-40gb", "--train-sequences", "64", "model.init_from=null", "model.config=" + json.dumps(model),
+                      "data.micro_batch_size=4", "parallel.activation_checkpointing=none"])
+    out = capsys.readouterr().out
+    print(out)
+    assert code == 1
+    assert "DOES NOT FIT: peak" in out and "but a100-40gb has 40.0 GiB" in out
+    assert "smallest change that fits: activation checkpointing on" in out
