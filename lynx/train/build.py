@@ -15,22 +15,38 @@ from lynx.train.config import TrainConfig
 
 def build_model(cfg: TrainConfig, mesh, device: torch.device):
     """Build on the meta device, shard, allocate only this rank's shards, then fill them (checkpoint or random)."""
-    from lynx.model import Llama
+    model = shard_model(cfg, model_config(cfg), mesh, device)
+    if cfg.model.init_from is not None and Path(cfg.model.init_from).suffix == ".gguf":
+        parallel.load_gguf_into_sharded(model, cfg.model.init_from)
+    elif cfg.model.init_from is not None:
+        parallel.load_hf_into_sharded(model, cfg.model.init_from)
+    else:
+        parallel.init_random_sharded(model, seed=cfg.seed, std=cfg.model.init_std)
+    return model
 
-    gguf_file = cfg.model.init_from is not None and Path(cfg.model.init_from).suffix == ".gguf"
-    if gguf_file:
+
+def model_config(cfg: TrainConfig) -> LlamaConfig:
+    """The architecture: from the GGUF file or checkpoint directory of model.init_from, else model.config."""
+    if cfg.model.init_from is None:
+        return LlamaConfig.from_hf_dict(cfg.model.config, source="model.config")
+    path = Path(cfg.model.init_from)
+    if path.suffix == ".gguf":
         from lynx.gguf import read_gguf_config
 
-        if not Path(cfg.model.init_from).is_file():
-            raise FileNotFoundError(f"model.init_from: GGUF file not found: {cfg.model.init_from}")
-        model_cfg = read_gguf_config(cfg.model.init_from)
-    elif cfg.model.init_from is not None:
-        path = Path(cfg.model.init_from)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model.init_from: checkpoint directory not found: {path}")
-        model_cfg = LlamaConfig.from_json(path / "config.json")
-    else:
-        model_cfg = LlamaConfig.from_hf_dict(cfg.model.config, source="model.config")
+        if not path.is_file():
+            raise FileNotFoundError(f"model.init_from: GGUF file not found: {path}")
+        return read_gguf_config(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model.init_from: checkpoint directory not found: {path}")
+    return LlamaConfig.from_json(path / "config.json")
+
+
+def shard_model(cfg: TrainConfig, model_cfg: LlamaConfig, mesh, device) -> torch.nn.Module:
+    """The model as training runs it, before any weight is filled in: built on the meta device, lower blocks frozen,
+    parallelized (FSDP2, activation checkpointing, mixed precision), then this rank's shards allocated on `device`.
+    (lynx.plan calls this under FakeTensorMode, where allocating costs nothing.)"""
+    from lynx.model import Llama
+
     with torch.device("meta"):
         model = Llama(model_cfg)
     frozen = frozen_modules(model, cfg.model.train_layers)
@@ -40,12 +56,6 @@ def build_model(cfg: TrainConfig, mesh, device: torch.device):
     # The sharded master copy is fp32 (the optimizer updates it); MixedPrecisionPolicy gathers it in param_dtype.
     model.to_empty(device=device)
     model.tie_weights()  # to_empty unties a tied embedding that FSDP does not manage (frozen, kept whole)
-    if gguf_file:
-        parallel.load_gguf_into_sharded(model, cfg.model.init_from)
-    elif cfg.model.init_from is not None:
-        parallel.load_hf_into_sharded(model, cfg.model.init_from)
-    else:
-        parallel.init_random_sharded(model, seed=cfg.seed, std=cfg.model.init_std)
     return model
 
 
