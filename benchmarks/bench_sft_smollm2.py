@@ -274,7 +274,7 @@ def worker_lynx(args) -> None:
 
     def step():
         _barrier()
-        loss, grad_norm, _, _ = train_step(model, optimizer, micro_batches, device, clip, trainable)
+        loss, grad_norm, *_ = train_step(model, optimizer, micro_batches, device, clip, trainable)
         losses.append((loss, grad_norm))
 
     times = timed_steps(step, args.warmup, args.steps)

@@ -135,7 +135,7 @@ def worker_lynx(args) -> dict:
     losses = []
 
     def step():
-        loss, _, _, _ = trainer.train_step(model, optimizer, micro_batches, device, clip=1.0)
+        loss, *_ = trainer.train_step(model, optimizer, micro_batches, device, clip=1.0)
         losses.append(loss)
 
     times = timed_steps(step, args.warmup, args.steps)

@@ -52,6 +52,7 @@ class RunState:
     stopped and then end the process as the signal would have (so torchrun and Slurm see the usual exit status)."""
 
     SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+    HEARTBEAT_S = 5.0  # beat() writes at most this often: the step count is in metrics.jsonl anyway
 
     def __init__(self, run_dir: Path, enabled: bool, world_size: int = 1):
         self.path = Path(run_dir) / STATE_FILE
@@ -63,6 +64,7 @@ class RunState:
             "started_at": time.time(), "heartbeat_at": time.time(), "step": 0, "total_steps": None,
         }
         self._previous_handlers = {}
+        self._last_write = 0.0
 
     def __enter__(self) -> "RunState":
         if self.enabled:
@@ -87,11 +89,19 @@ class RunState:
         if self.enabled:
             self._write()
 
+    def beat(self, **fields) -> None:
+        """update(), but written at most every HEARTBEAT_S seconds (a training step calls it)."""
+        if time.time() - self._last_write >= self.HEARTBEAT_S:
+            self.update(**fields)
+        else:
+            self.state.update(fields)
+
     def end(self, finished: bool) -> None:
         self.update(state="finished" if finished else "paused", ended_at=time.time())
 
     def _write(self) -> None:
         write_json_atomic(self.path, self.state)
+        self._last_write = time.time()
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name

@@ -37,13 +37,14 @@ from lynx.train.metrics import MetricsLog, gpu_peak_flops, peak_memory_gib, step
 
 
 def train_step(model, optimizer, micro_batches: list[dict], device, clip: float,
-               params=None) -> tuple[float, float, int, int]:
+               params=None) -> tuple[float, float, int, int, int]:
     """One optimizer step on this rank's micro-batches (steps 2-4 of the module docstring); the optimizer's lr must
-    already be set. Returns (mean loss, gradient norm, target tokens, tokens), the last two over all ranks. A
+    already be set. Returns (mean loss, gradient norm, target tokens, tokens, examples), the counts over all ranks. A
     non-finite loss or norm skips the update (the caller counts it). Also what benchmarks/bench_train_step.py runs.
     params: the trained parameters, whose gradient norm is clipped (default: all of the model's)."""
-    local = [sum(b["num_target_tokens"] for b in micro_batches), sum(b["num_tokens"] for b in micro_batches)]
-    n_target, n_tokens = all_reduce_sum(local, device)
+    # One all-reduce for every count the step and its metrics need.
+    local = [sum(b[k] for b in micro_batches) for k in ("num_target_tokens", "num_tokens", "num_examples")]
+    n_target, n_tokens, n_examples = all_reduce_sum(local, device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for b in micro_batches:
         loss = model(
@@ -65,7 +66,7 @@ def train_step(model, optimizer, micro_batches: list[dict], device, clip: float,
     if math.isfinite(mean_loss) and math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return mean_loss, grad_norm, int(n_target), int(n_tokens)
+    return mean_loss, grad_norm, int(n_target), int(n_tokens), int(n_examples)
 
 
 # --- the loop -----------------------------------------------------------------------------------------------------
@@ -187,14 +188,14 @@ def _train(cfg: TrainConfig, examples, device, sft_data, run_state: RunState) ->
         t0 = time.perf_counter()
         micro_batches = loader.next_step()
         lr = set_lr(optimizer, step, warmup_steps=o.warmup_steps, total_steps=total_steps, alpha_f=o.alpha_f)
-        mean_loss, grad_norm, n_target, n_tokens = train_step(model, optimizer, micro_batches, device, clip, trainable)
+        mean_loss, grad_norm, n_target, n_tokens, n_examples = train_step(model, optimizer, micro_batches, device, clip,
+                                                                          trainable)
         finite = math.isfinite(mean_loss) and math.isfinite(grad_norm)
         if not finite:
             skipped += 1
         step += 1
         dt = time.perf_counter() - t0
 
-        n_examples = all_reduce_sum([sum(b["num_examples"] for b in micro_batches)], device)[0]
         record = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(n_tokens),
                   "target_tokens": int(n_target), "examples": int(n_examples), "tokens_per_s": n_tokens / dt,
                   "examples_per_s": n_examples / dt, "step_time_s": dt,
@@ -209,7 +210,7 @@ def _train(cfg: TrainConfig, examples, device, sft_data, run_state: RunState) ->
             flops = all_reduce_sum([step_flops(model.config, n_params, micro_batches, n_trainable)], device)[0]
             record["mfu"] = flops / (dt * world * peak_flops)
         log.write(record)
-        run_state.update(step=step)
+        run_state.beat(step=step)
         if finite:
             losses.append(mean_loss)
         total_tokens += n_tokens
