@@ -18,6 +18,25 @@ class ConfigError(ValueError):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def bf16_is_native(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 matrix products run at hardware speed on `device`: GPUs with bf16 (any CUDA device when none is
+    visible: lynx.plan plans for GPUs on a CPU machine), CPUs whose oneDNN has bf16 instructions (AVX512-BF16, AMX).
+    On AVX2-only CPUs (AMD Zen 3, most laptops) oneDNN emulates bf16: a 2-core EPYC multiplies bf16 at 0.8 GFLOP/s
+    against 73 in fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return torch.backends.mkldnn.is_available() and supported is not None and bool(supported())
+    return True
+
+
+def fast_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """What `auto` compute dtypes resolve to: bfloat16 where it is native (bf16_is_native), else float32."""
+    return torch.bfloat16 if bf16_is_native(device) else torch.float32
+
+
 @dataclasses.dataclass
 class LlamaConfig:
     vocab_size: int = 128256

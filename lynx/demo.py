@@ -305,7 +305,7 @@ def run(cmd: list[str], what: str, timings: dict, done: Path | None = None) -> N
 
 def judge_cmd(model: Path, rows: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "judge.py", "--model", str(model), "--input", str(rows), "--output", str(out / "judged.jsonl"),
-            "--eval", "--report-dir", str(out), "--batch-size", "8", "--dtype", "bfloat16", *extra]
+            "--eval", "--report-dir", str(out), "--batch-size", "8", "--dtype", "auto", *extra]
 
 
 def main(argv=None) -> int:

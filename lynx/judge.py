@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from lynx.checkpoint import checkpoint_dtype
+from lynx.config import LlamaConfig, bf16_is_native
 from lynx.generate import prepack_linear_weights, run_generation
 from lynx.model import Llama
 from lynx.prompt import TRUNCATION_MARKER, judge_messages, truncate_document
@@ -263,6 +265,19 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
     return Tokenizer.llama3()
 
 
+def auto_dtype(model_dir: Path, device: torch.device) -> torch.dtype | None:
+    """dtype=None's choice: bf16 on GPU; on CPU the checkpoint's own dtype (None), except that a bf16 checkpoint runs
+    in fp32 (an exact upcast) where the CPU lacks native bf16 (lynx.config.bf16_is_native: emulated bf16 matmuls
+    are ~90x slower there)."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and model_dir.is_dir() and not bf16_is_native(device):
+        stored = checkpoint_dtype(LlamaConfig.from_json(model_dir / "config.json"))
+        if stored in (torch.bfloat16, torch.float16):
+            return torch.float32
+    return None
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -293,8 +308,8 @@ class Judge:
             raise ValueError(f"long_inputs must be one of {LONG_INPUT_POLICIES}, got {long_inputs!r}")
         self.model_dir = resolve_model_dir(model_dir)
         self.device = torch.device(device or default_device())
-        if dtype is None and self.device.type == "cuda":
-            dtype = torch.bfloat16
+        if dtype is None:
+            dtype = auto_dtype(self.model_dir, self.device)
         self.model = Llama.from_pretrained(self.model_dir, dtype=dtype, device=self.device).eval()
         prepack_linear_weights(self.model)  # bf16 on CPU: faster decode steps, same outputs
         self.tokenizer = tokenizer or load_tokenizer(self.model_dir)

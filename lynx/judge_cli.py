@@ -30,7 +30,7 @@ import torch.distributed as dist
 from lynx.config import DTYPES as CONFIG_DTYPES
 from lynx.distributed import all_gather_objects, init_distributed
 
-DTYPES = {"auto": None, **CONFIG_DTYPES}  # auto: bf16 on GPU, the checkpoint's own dtype on CPU
+DTYPES = {"auto": None, **CONFIG_DTYPES}  # auto: lynx.judge.auto_dtype
 EXIT_BAD_INPUT = 2
 
 
@@ -68,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     gen.add_argument("--max-new-tokens", type=int, default=600, help="generation length (published: 600)")
     gen.add_argument("--batch-size", type=int, default=8, help="examples per forward batch")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
-                     help="weights dtype (auto: bfloat16 on GPU, the checkpoint's dtype on CPU)")
+                     help="weights dtype (auto: bfloat16 on GPU; on CPU the checkpoint's dtype, but float32 for a bf16 "
+                          "checkpoint where the CPU has no native bf16)")
     gen.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available; under torchrun, the local rank's GPU)")
     gen.add_argument("--long-inputs", choices=["truncate", "skip"], default="truncate",
                      help="prompts longer than --max-input-tokens: cut the middle of the document (with a marker) "

@@ -18,12 +18,15 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from lynx import checkpoint
-from lynx.config import DTYPES
+from lynx.config import DTYPES, fast_dtype
 
 AC_MODES = ("none", "full", "every_k")
 
 
-def dtype_from_name(name: str, key: str) -> torch.dtype:
+def dtype_from_name(name: str, key: str, device_type: str = "cpu") -> torch.dtype:
+    """A config's dtype name; "auto" (compute dtypes): bfloat16 where `device_type` runs it natively, else float32."""
+    if name == "auto":
+        return fast_dtype(device_type)
     if name not in DTYPES:
         raise ValueError(f"{key}: unknown dtype {name!r} (choose from {sorted(DTYPES)})")
     return DTYPES[name]
@@ -67,7 +70,7 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh, cfg, frozen: list[torc
             block.compile()
         model.layers[i] = block
 
-    param_dtype = dtype_from_name(cfg.param_dtype, "parallel.param_dtype")
+    param_dtype = dtype_from_name(cfg.param_dtype, "parallel.param_dtype", mesh.device_type)
     reduce_dtype = dtype_from_name(cfg.reduce_dtype, "parallel.reduce_dtype")
     one_rank = mesh.size() == 1
     if one_rank:

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lynx.config import ConfigError, LlamaConfig
+from lynx.config import ConfigError, LlamaConfig, fast_dtype
 
 # Usable memory (what nvidia-smi reports) and bf16 dense peak (lynx.train.metrics.GPU_PEAK_TFLOPS) of each GPU.
 GPUS = {
@@ -285,7 +285,7 @@ def report(plan: Plan, cfg, mfu: float, data_note: str) -> str:
     lines = [
         f"{plan.world} x {plan.gpu} | {shard} | micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation "
         f"step(s) x {plan.world} ranks = {cfg.global_batch_size} sequences of {plan.seq_len} tokens | activation "
-        f"checkpointing {plan.activation_checkpointing} | params {cfg.parallel.param_dtype}, reduce "
+        f"checkpointing {plan.activation_checkpointing} | params {str(fast_dtype('cuda')).removeprefix('torch.') if cfg.parallel.param_dtype == 'auto' else cfg.parallel.param_dtype}, reduce "
         f"{cfg.parallel.reduce_dtype} | {cfg.optim.name}",
         "",
         "| per GPU | |",

@@ -246,3 +246,18 @@ def test_tokenizer_fallback_is_llama3_and_checked_against_the_model(tmp_path):
     bare = make_tiny_checkpoint(tmp_path / "bare", vocab_size=TINY_VOCAB)  # no tokenizer files
     with pytest.raises(ValueError, match="wrong tokenizer"):
         Judge(bare, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("stored", ["bfloat16", "float32"])
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_upcasts_bf16_checkpoints_only_on_cpus_without_native_bf16(judge_dir, tmp_path, monkeypatch,
+                                                                              stored, native):
+    import json
+
+    config = json.loads((judge_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": stored, "torch_dtype": stored}))
+    monkeypatch.setattr(judge_mod, "bf16_is_native", lambda device: native)
+    expected = torch.float32 if stored == "bfloat16" and not native else None  # None: the checkpoint's own dtype
+    assert judge_mod.auto_dtype(tmp_path, torch.device("cpu")) is expected
+    assert judge_mod.auto_dtype(tmp_path, torch.device("cuda")) is torch.bfloat16
+

@@ -46,6 +46,8 @@ def test_unknown_and_badly_typed_keys_are_errors_naming_the_valid_ones(tmp_path)
         load_config(None, tiny_overrides(tmp_path, **{"parallel.activation_checkpointing": "some"}))
     with pytest.raises(ConfigError, match="checkpoint.export_dtype: 'fp8'"):
         load_config(None, tiny_overrides(tmp_path, **{"checkpoint.export_dtype": "fp8"}))
+    with pytest.raises(ConfigError, match="parallel.reduce_dtype: 'auto'"):  # auto is for the compute dtype only
+        load_config(None, tiny_overrides(tmp_path, **{"parallel.reduce_dtype": "auto"}))
     with pytest.raises(ConfigError, match="exactly one of model.init_from"):
         load_config(None, tiny_overrides(tmp_path, **{"model.init_from": "somewhere"}) + ["model.config={}"])
     bad = tmp_path / "bad.yaml"
@@ -310,3 +312,17 @@ def test_train_on_inputs_reaches_the_tokenized_data(tmp_path):
         assert stats.kept == 1
         assert (example.labels == example.input_ids) == flag
         assert (IGNORE_INDEX in example.labels) != flag
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_compute_dtype_is_bf16_only_where_native(monkeypatch, native):
+    from lynx import config, parallel
+
+    monkeypatch.setattr(config, "bf16_is_native", lambda device="cpu": native)
+    expected = torch.bfloat16 if native else torch.float32
+    assert parallel.dtype_from_name("auto", "parallel.param_dtype", "cpu") == expected
+    assert parallel.dtype_from_name("float32", "parallel.param_dtype", "cpu") == torch.float32
+    from lynx.train import TrainConfig
+
+    assert TrainConfig().parallel.param_dtype == "auto"  # the default
+

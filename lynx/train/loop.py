@@ -173,7 +173,8 @@ def _train(cfg: TrainConfig, examples, device, sft_data, run_state: RunState) ->
         print(
             f"model: {n_params / 1e6:.1f}M parameters ({n_trainable / 1e6:.1f}M trained) | world {world} x micro-batch {cfg.data.micro_batch_size} x "
             f"accumulation {grad_accum} = {cfg.global_batch_size} sequences of {cfg.data.max_seq_len} per step | "
-            f"{loader.steps_per_epoch} steps/epoch, {total_steps} steps in all",
+            f"{loader.steps_per_epoch} steps/epoch, {total_steps} steps in all | compute in "
+            f"{str(parallel.dtype_from_name(cfg.parallel.param_dtype, 'parallel.param_dtype', device.type)).removeprefix('torch.')}",
             flush=True,
         )
     peak_flops = gpu_peak_flops(cfg, device)
