@@ -4,7 +4,8 @@ Each loader runs in a fresh subprocess, which reports
 
     (peak RSS during the load - RSS just before the load) / size of the dequantized model in the requested dtype
 
-(peak RSS is the process's ru_maxrss, file pages of the memory-mapped GGUF included). A loader that holds one copy of
+(peak RSS is the process's ru_maxrss, file pages of the memory-mapped GGUF included; the baseline is taken after
+torch's one-time meta-device imports, see measure()). A loader that holds one copy of
 the weights scores about 1.0. Both loaders parse the metadata with gguf.GGUFReader, which keeps every value as numpy
 views (a 49k-token vocabulary: ~150 MB while parsing); that floor is measured and printed too, since on a 135M model it
 is a large share of the ratio and on an 8B model a negligible one. Default file: SmolLM2-135M-Instruct Q4_1 from the
@@ -61,6 +62,12 @@ def measure(loader: str, path: Path, dtype_name: str) -> dict:
     else:
         raise ValueError(f"unknown loader {loader!r}")
     import gguf  # noqa: F401, F811  (imported before the baseline by every loader)
+
+    # torch imports its Python meta-device kernels the first time a module initialises its weights on the meta
+    # device (an nn.Embedding's normal_): ~75 MB of module objects and ~70 MB of library pages, once per process,
+    # whatever the model's size. Both loaders build on the meta device; pay it before the baseline for both.
+    with torch.device("meta"):
+        torch.nn.Embedding(2, 2)
 
     baseline = rss_bytes()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

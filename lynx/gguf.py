@@ -14,9 +14,11 @@ What llama.cpp's convert_hf_to_gguf.py changes, and how it is undone here:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import mmap
 from pathlib import Path
+from typing import NamedTuple
 
 import gguf
 import numpy as np
@@ -29,7 +31,7 @@ ARCHITECTURE = "llama"
 ROPE_FREQS = "rope_freqs.weight"
 
 # At most this many bytes of fp32 values are dequantized at a time (the only temporary memory besides the model).
-DEQUANT_CHUNK_BYTES = 8 * 2**20
+DEQUANT_CHUNK_BYTES = 2 * 2**20
 
 
 class GGUFError(CheckpointError):
@@ -231,46 +233,70 @@ def _unpermute_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     return w.reshape(rows // head_dim, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _release_pages(reader: gguf.GGUFReader, tensor) -> None:
-    """Drop this tensor's file pages from our resident memory (they stay in the page cache): without it, a file
-    read through the memory map stays resident to the end and peak memory is the model plus the whole file."""
-    mm = getattr(reader.data, "_mmap", None)  # numpy.memmap's mmap object; if absent we only lose the saving
+def _release_pages(data: np.memmap, offset: int, n_bytes: int) -> None:
+    """Drop the file pages of bytes [offset, offset + n_bytes) from our resident memory (they stay in the page cache):
+    without it, a file read through the memory map stays resident to the end and peak memory is the model plus the
+    whole file. Called per chunk: a large tensor's pages (a 49k-row embedding: 30 MB) do not pile up either."""
+    mm = getattr(data, "_mmap", None)  # the memory map under a numpy.memmap view; if absent we only lose the saving
     if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
         return
-    start = tensor.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
-    mm.madvise(mmap.MADV_DONTNEED, start, tensor.data_offset + tensor.n_bytes - start)
+    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+    mm.madvise(mmap.MADV_DONTNEED, start, offset + n_bytes - start)
 
 
-def _copy_tensor(reader, tensor, target: torch.Tensor, head_dim: int | None, path) -> None:
+def _copy_tensor(tensor: GGUFTensor, target: torch.Tensor, head_dim: int | None, path) -> None:
     """Dequantize `tensor` into `target` in row chunks of at most DEQUANT_CHUNK_BYTES of fp32 (whole heads when
     head_dim is given: the q/k un-permutation works per head)."""
     if target.dim() == 1:
         target.copy_(torch.from_numpy(_dequantize(tensor, path)))
-    else:
-        n_rows, row_bytes = target.shape[0], target.shape[1] * 4
-        step = max(1, DEQUANT_CHUNK_BYTES // row_bytes)
+        _release_pages(tensor.data, tensor.data_offset, tensor.n_bytes)
+        return
+    n_rows, row_bytes = target.shape[0], target.shape[1] * 4
+    file_row_bytes = tensor.n_bytes // n_rows
+    step = max(1, DEQUANT_CHUNK_BYTES // row_bytes)
+    if head_dim:
+        step = max(head_dim, step // head_dim * head_dim)
+    for start in range(0, n_rows, step):
+        rows = slice(start, min(start + step, n_rows))
+        chunk = torch.from_numpy(_dequantize(tensor, path, rows))
         if head_dim:
-            step = max(head_dim, step // head_dim * head_dim)
-        for start in range(0, n_rows, step):
-            rows = slice(start, min(start + step, n_rows))
-            chunk = torch.from_numpy(_dequantize(tensor, path, rows))
-            if head_dim:
-                chunk = _unpermute_rows(chunk, head_dim)
-            target[rows].copy_(chunk)
-    _release_pages(reader, tensor)
+            chunk = _unpermute_rows(chunk, head_dim)
+        target[rows].copy_(chunk)
+        _release_pages(tensor.data, tensor.data_offset + start * file_row_bytes, (rows.stop - start) * file_row_bytes)
 
 
-def load_gguf_state_dict_into(model: torch.nn.Module, path: str | Path, *, reader=None, progress: bool = False) -> None:
+class GGUFTensor(NamedTuple):
+    """What loading needs of one of the reader's tensor records."""
+    name: str
+    tensor_type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # as GGUF lists it: the fastest dimension first
+    data_offset: int
+    n_bytes: int
+    data: np.memmap  # the tensor's bytes (or values, for float types): a view of the memory map
+
+
+def tensor_table(reader: gguf.GGUFReader) -> dict[str, GGUFTensor]:
+    """The reader's tensors by name, as GGUFTensor records. Once the metadata is freed, the reader's own records
+    (ReaderTensor, each with a ReaderField of six numpy views) keep ~40 MB of the parse's small-object memory
+    resident (SmolLM2); these do not, so a loader can drop the reader before it allocates the weights."""
+    return {t.name: GGUFTensor(t.name, t.tensor_type, tuple(int(d) for d in t.shape), int(t.data_offset),
+                               int(t.n_bytes), t.data) for t in reader.tensors}
+
+
+def load_gguf_state_dict_into(model: torch.nn.Module, path: str | Path, *, tensors: dict[str, GGUFTensor] | None = None,
+                              progress: bool = False) -> None:
     """Dequantize a GGUF file's tensors into `model`'s (already allocated) tensors, one at a time. Strict like the
     safetensors loader: missing, unexpected or wrongly shaped tensors raise one error listing all of them.
-    rope_freqs.weight is configuration (see `read_gguf_config`), not a weight. `reader`: an open_gguf reader of a
-    file already checked by read_gguf_config (opened here when None)."""
+    rope_freqs.weight is configuration (see `read_gguf_config`), not a weight. `tensors`: the `tensor_table` of a
+    file already checked by read_gguf_config (the file is opened here when None)."""
     path = Path(path)
-    if reader is None:
+    if tensors is None:
         reader = open_gguf(path)
         _check_architecture(reader, path)
+        tensors = tensor_table(reader)
+        del reader
     cfg = model.config
-    in_file = {t.name: t for t in reader.tensors}
+    in_file = tensors
     ours = model.state_dict()
     wanted = {gguf_name(n): n for n in ours if not (cfg.tie_word_embeddings and n == "head.lm_head.weight")}
     missing = sorted(set(wanted) - set(in_file))
@@ -278,7 +304,7 @@ def load_gguf_state_dict_into(model: torch.nn.Module, path: str | Path, *, reade
     wrong_shape, to_copy = [], []
     for name in sorted(set(wanted) & set(in_file)):
         target = ours[wanted[name]]
-        shape = tuple(int(d) for d in reversed(in_file[name].shape.tolist()))  # GGUF lists the fastest dim first
+        shape = tuple(reversed(in_file[name].shape))  # GGUF lists the fastest dimension first
         if shape != tuple(target.shape):
             wrong_shape.append(f"{name}: file {shape} vs model {tuple(target.shape)}")
         else:
@@ -291,7 +317,7 @@ def load_gguf_state_dict_into(model: torch.nn.Module, path: str | Path, *, reade
         to_copy = tqdm(to_copy, desc="dequantizing GGUF tensors", unit="tensor")
     for name, target in to_copy:
         permuted = name.endswith(("attn_q.weight", "attn_k.weight"))
-        _copy_tensor(reader, in_file[name], target, cfg.head_dim if permuted else None, path)
+        _copy_tensor(in_file[name], target, cfg.head_dim if permuted else None, path)
 
 
 def load_gguf(cls, path: str | Path, *, dtype=None, device="cpu", progress: bool = False):
@@ -301,12 +327,15 @@ def load_gguf(cls, path: str | Path, *, dtype=None, device="cpu", progress: bool
     reader = open_gguf(path)
     cfg = read_gguf_config(path, reader)
     # The reader holds every metadata value as numpy views: a vocabulary's ~100k token and merge strings take ~100 MB,
-    # more than a small model's weights in bf16. The weights need none of it.
-    reader.fields.clear()
+    # more than a small model's weights in bf16. The weights need none of it: keep the tensor table, drop the rest
+    # before allocating (measured by benchmarks/bench_gguf_load.py).
+    tensors = tensor_table(reader)
+    del reader
+    gc.collect()
     with torch.device("meta"):
         model = cls(cfg)
     model = model.to(dtype=dtype or torch.float32).to_empty(device=device)
     model.tie_weights()
     with torch.no_grad():
-        load_gguf_state_dict_into(model, path, reader=reader, progress=progress)
+        load_gguf_state_dict_into(model, path, tensors=tensors, progress=progress)
     return model.eval()
