@@ -14,6 +14,7 @@ import dataclasses
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lynx.model import Llama
 
@@ -74,6 +75,20 @@ def prepack_linear_weights(model: Llama) -> bool:
     return True
 
 
+MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth the extra forward pass
+
+
+def common_prefix_length(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares."""
+    first, n = prompts[0], min(map(len, prompts))
+    for other in prompts[1:]:
+        i = 0
+        while i < n and other[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
     """Next token [B] from fp32 logits [B, V]: argmax when temperature == 0, else temperature + nucleus sampling."""
     if temperature == 0.0:
@@ -100,8 +115,12 @@ def run_generation(
     seed: int | None = None,
     pad_id: int = 0,
     watch_ids: list[int] | None = None,
+    share_prefix: bool = True,
 ) -> GenerationResult:
     """Generate for a batch of token-id prompts (of any lengths). See the module docstring for the conventions.
+
+    share_prefix: the prompts' common prefix (at least MIN_SHARED_PREFIX tokens) is prefilled once and its keys and
+    values copied to every row (the judge's prompts share ~170 tokens of ~370); the same computation, reordered.
 
     temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature), restricted to the
     top_p nucleus, from a torch.Generator seeded with `seed` (same seed, same prompts -> same output).
@@ -126,28 +145,45 @@ def run_generation(
             f"model's max_position_embeddings ({limit}); shorten the prompt or generate fewer tokens"
         )
 
-    # Left padding: every sequence ends at column P - 1, so one decode step serves the whole batch.
+    # The prompts' common prefix (the judge's system turn and instruction) is computed once, not once per row; every
+    # row keeps at least its last token to itself (its logits start the generation).
+    C = common_prefix_length(prompts) if B > 1 and share_prefix else 0
+    C = min(C, min(map(len, prompts)) - 1)
+    C = C if C >= MIN_SHARED_PREFIX else 0
+
+    # Padding sits between the shared prefix and each row's own tokens (left padding when C = 0): every sequence
+    # ends at column P - 1, so one decode step serves the whole batch.
     input_ids = torch.full((B, P), pad_id, dtype=torch.long)
     key_valid = torch.zeros(B, total, dtype=torch.bool)  # cache slots holding real tokens so far
     for b, p in enumerate(prompts):
-        input_ids[b, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-        key_valid[b, P - len(p) : P] = True
+        input_ids[b, :C] = torch.tensor(p[:C], dtype=torch.long)
+        input_ids[b, P - len(p) + C :] = torch.tensor(p[C:], dtype=torch.long)
+        key_valid[b, :C] = True
+        key_valid[b, P - len(p) + C : P] = True
     input_ids, key_valid = input_ids.to(device), key_valid.to(device)
     lengths = key_valid[:, :P].sum(-1)
     # Positions count real tokens only (as transformers); padding slots get 0 and are never attended to.
     position_ids = (key_valid[:, :P].long().cumsum(-1) - 1).clamp(min=0)
 
-    # Prefill mask: causal and padding-free. A padding query sees only itself, so its row is never all-masked
-    # (an all-masked softmax is NaN, and NaN values in the cache would poison real rows through 0 * NaN).
-    # Without padding, plain causal attention (no mask) lets SDPA use its fastest kernel.
+    # Prefill mask over the slots C..P-1 (keys 0..P-1): causal and padding-free. A padding query sees only itself, so
+    # its row is never all-masked (an all-masked softmax is NaN, and NaN values in the cache would poison real rows
+    # through 0 * NaN). Without padding or a shared prefix, plain causal attention (no mask) lets SDPA use its
+    # fastest kernel.
     prefill_mask = None
-    if not bool(key_valid[:, :P].all()):
-        idx = torch.arange(P, device=device)
-        causal = idx[None, :] <= idx[:, None]
-        eye = torch.eye(P, dtype=torch.bool, device=device)
-        prefill_mask = ((causal[None] & key_valid[:, None, :P]) | eye[None])[:, None]  # [B, 1, P, P]
+    if C or not bool(key_valid[:, :P].all()):
+        q_idx, k_idx = torch.arange(C, P, device=device), torch.arange(P, device=device)
+        causal = k_idx[None, :] <= q_idx[:, None]
+        itself = k_idx[None, :] == q_idx[:, None]
+        prefill_mask = ((causal[None] & key_valid[:, None, :P]) | itself[None])[:, None]  # [B, 1, P - C, P]
 
     caches = model.new_kv_caches(B, total)
+    if C:
+        # The prefix once, in a one-row cache; its keys and values then fill every row's first C slots.
+        prefix_caches = model.new_kv_caches(1, C)
+        model(input_ids[:1, :C], position_ids=position_ids[:1, :C], kv_caches=prefix_caches, last_logits_only=True)
+        for cache, prefix in zip(caches, prefix_caches):
+            cache.k[:, :, :C] = prefix.k
+            cache.v[:, :, :C] = prefix.v
 
     def next_logits(tokens, positions, attn_kwargs, slots: range):
         # Only the last position's logits: a prefill needs no more (fp32 for sampling and the judge's p_pass).
@@ -168,7 +204,10 @@ def run_generation(
     out_tokens, out_watched = [], []
 
     prefill_kwargs = {} if prefill_mask is None else {"attn_mask": prefill_mask}
-    logits = next_logits(input_ids, position_ids, prefill_kwargs, range(P))  # reads the P slots it writes
+    if C:  # a write after slot 0 reads the whole cache (KVCache.update): widen the mask with the unwritten slots
+        prefill_kwargs["attn_mask"] = F.pad(prefill_mask, (0, total - P), value=False)
+    # Reads the P slots it writes (C = 0), or the prefix's slots too.
+    logits = next_logits(input_ids[:, C:], position_ids[:, C:], prefill_kwargs, range(C, P))
     positions = lengths.clone()  # position of the next token per sequence
     for step in range(max_new_tokens):
         next_token = _sample(logits, temperature, top_p, generator)

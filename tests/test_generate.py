@@ -82,6 +82,27 @@ def test_sampling_is_seeded_and_top_p_restricts(models):
     assert generate(ours, PROMPTS, max_new_tokens=10, temperature=1.0, top_p=1e-6, seed=5) == greedy
 
 
+SHARED = [(7 * i + 3) % 250 + 1 for i in range(40)]  # a 40-token prefix every prompt of the batch starts with
+
+
+@pytest.mark.parametrize("prompts", [
+    [SHARED + [5, 17, 33], SHARED + [9], SHARED + [100, 101, 102, 103, 104, 105]],  # padded after the prefix
+    [SHARED + [5, 6], SHARED + [7, 8]],  # equal lengths: the shared path still masks (keys = prefix + own tokens)
+    [SHARED, SHARED + [1, 2]],  # one prompt is the whole common prefix: it keeps its last token to itself
+])
+def test_shared_prefix_is_computed_once_and_changes_nothing(models, prompts, monkeypatch):
+    ours, hf = models
+    plain = run_generation(ours, prompts, max_new_tokens=12, watch_ids=[3, 70], share_prefix=False)
+    rows = []  # the batch size of every forward pass
+    monkeypatch.setattr(ours, "forward", lambda input_ids, *a, _f=ours.forward, **k: rows.append(input_ids.shape)
+                        or _f(input_ids, *a, **k))
+    shared = run_generation(ours, prompts, max_new_tokens=12, watch_ids=[3, 70])
+    assert rows[0] == (1, min(map(len, prompts)) - 1 if prompts[0] == SHARED else 40)  # the prefix, one row
+    assert shared.tokens == plain.tokens == hf_generate(hf, prompts, max_new_tokens=12)
+    for a, b in zip(shared.watched_logits, plain.watched_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_watched_logits_match_a_plain_forward(models):
     ours, _ = models
     watch = [3, 70, 200]
