@@ -1,4 +1,4 @@
-"""Helpers the benchmark scripts share: memory and time measurement, the bf16 matmul peak, one subprocess (or one
+"""Helpers the benchmark scripts share: memory and time measurement, the matmul peak, one subprocess (or one
 torchrun group) per measured side, and the SmolLM2 checkpoint the real-shape benchmarks run on.
 
 Import from a script in this folder as `from _common import ...` (the script's folder is on sys.path).
@@ -57,13 +57,14 @@ def timed_steps(step_fn, warmup: int, steps: int) -> list[float]:
     return times
 
 
-def bf16_matmul_peak(size: int, repeats: int, barrier=None) -> dict:
-    """The bf16 matrix-product peak of this process: the best of `repeats` [size, size] @ [size, size] products
-    (after one warm-up). barrier: called before each product, so that several processes measure at the same time."""
+def matmul_peak(size: int, repeats: int, barrier=None, dtype=None) -> dict:
+    """The matrix-product peak of this process in `dtype` (default bf16): the best of `repeats` [size, size] @
+    [size, size] products (after one warm-up). barrier: called before each product, so that several processes
+    measure at the same time."""
     import torch
 
-    a = torch.randn(size, size, dtype=torch.bfloat16)
-    b = torch.randn(size, size, dtype=torch.bfloat16)
+    a = torch.randn(size, size, dtype=dtype or torch.bfloat16)
+    b = torch.randn(size, size, dtype=dtype or torch.bfloat16)
     times = []
     for i in range(repeats + 1):  # the first is a warm-up
         if barrier is not None:

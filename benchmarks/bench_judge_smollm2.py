@@ -1,4 +1,4 @@
-"""Judging speed on SmolLM2-135M-Instruct in bf16: lynx.judge.Judge against transformers on the same prompts, in
+"""Judging speed on SmolLM2-135M-Instruct (bf16 where the CPU has it natively, else fp32: --dtype): lynx.judge.Judge against transformers on the same prompts, in
 one run. Fast mode (one verdict per forward pass position) in rows/s; full mode (generated completion) in rows/s
 and new tokens/s; the ratios.
 
@@ -145,6 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="interleaved timed rounds; the best of each is kept")
     p.add_argument("--warmup-rows", type=int, default=8, help="rows of the one warm-up call per side and mode")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="both sides' weights (auto: bfloat16 on CPUs with native bf16, else float32)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     if args.threads:
@@ -153,6 +155,7 @@ def main(argv=None) -> int:
     import transformers
 
     import lynx.judge as judge_module
+    from lynx.config import fast_dtype
     from lynx.demo import read_jsonl, stratified_subset
     from lynx.judge import Judge
 
@@ -166,11 +169,13 @@ def main(argv=None) -> int:
     examples = [(r["question"], r["passage"], r["answer"]) for r in rows]
     warm = examples[: args.warmup_rows]
 
+    dtype = fast_dtype("cpu") if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
     load_before = load_average()
-    judge = Judge(model_dir, dtype=torch.bfloat16, device="cpu", max_new_tokens=args.max_new_tokens,
+    judge = Judge(model_dir, dtype=dtype, device="cpu", max_new_tokens=args.max_new_tokens,
                   batch_size=args.batch_size, pack_tokens=args.pack_tokens)
     tok = judge.tokenizer
-    hf = {f"hf-{impl}": transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+    hf = {f"hf-{impl}": transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype,
                                                                       attn_implementation=impl).eval()
           for impl in args.hf_attn}
     prompt_s, prompts = timed(lambda: [judge.prompt_ids(*e)[0] for e in examples])
@@ -197,7 +202,7 @@ def main(argv=None) -> int:
 
     sides = ["lynx", *hf]
     n_prompt_tokens = {"fast": sum(map(len, fast_prompts)), "full": sum(map(len, prompts))}
-    print(f"SmolLM2-135M bf16 ({model_dir}); {len(examples)} rows, prompts {min(map(len, prompts))}-"
+    print(f"SmolLM2-135M {dtype_name} ({model_dir}); {len(examples)} rows, prompts {min(map(len, prompts))}-"
           f"{max(map(len, prompts))} tokens (mean {n_prompt_tokens['full'] / len(prompts):.0f}); full mode "
           f"max_new_tokens {args.max_new_tokens}, batch {args.batch_size}; lynx fast packs {args.pack_tokens} tokens; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; building the prompts (in lynx's timed "
@@ -256,7 +261,7 @@ def main(argv=None) -> int:
                 theirs = [tok.decode(t) for t in outputs[side, "full"]["tokens"]]
                 same = sum(a == b for a, b in zip(ours_text, theirs))
                 results[side, mode]["identical_completions"] = same / len(theirs)
-                print(f"  {side}: identical completions {same}/{len(theirs)} (bf16 greedy)")
+                print(f"  {side}: identical completions {same}/{len(theirs)} ({dtype_name} greedy)")
         results["ratio", mode] = {"vs_best_transformers": results[best, mode]["time_s"] / ours["time_s"],
                                   "best_transformers": best}
     print(f"\nload average before {load_before[0]:.1f}, after {load_after[0]:.1f}")

@@ -1,6 +1,9 @@
 """Supervised fine-tuning steps on the demo's own packed batches of SmolLM2-135M-Instruct: lynx's trainer against
 transformers, same examples, same weights, same optimizer, in one run. Prints examples/s, tokens/s, peak memory,
-MFU against this machine's bf16 matmul peak (measured in the same run) and the ratios.
+MFU against this machine's matmul peak in the compute dtype (measured in the same run) and the ratios.
+
+Compute dtype: the config's parallel.param_dtype (the demo's auto: bf16 on CPUs with native bf16, AVX512-BF16 or
+AMX; fp32 on the others, where oneDNN emulates bf16 ~90x slower). Both sides and the peak follow it.
 
 The workload is the CPU demo's (configs/demo-cpu.yaml, read at run time; flags override it): the training rows the
 demo writes (lynx.demo.write_training_rows with the config's train_target, "verdict": the judge prompt and the
@@ -11,13 +14,13 @@ same examples of that step.
 
 Sides (each in its own subprocess, or torchrun group with --nproc 2; rounds alternate the sides):
   lynx        lynx.train.train_step (the training loop's own step) on the model lynx.train.build.build_model builds:
-              FSDP2 over a gloo group of --nproc processes, bf16 compute weights over fp32 master weights
+              FSDP2 over a gloo group of --nproc processes, compute-dtype weights over fp32 master weights
               (parallel.param_dtype), the fused linear + cross-entropy loss, model.train_layers frozen as the
               trainer freezes them, the optimizer lynx.optim.build_optimizer builds (the demo's adamw: torch AdamW,
               fused), gradient clipping; the batches are the packed rows (shared prefix once per row with
               data.shared_prefix).
   hf-padded   transformers LlamaForCausalLM (attn_implementation --hf-attn, default sdpa), fp32 weights,
-              torch.autocast(cpu, bfloat16) (what the transformers Trainer does with bf16=True), its own loss with
+              torch.autocast(cpu, bfloat16) in bf16 (what the transformers Trainer does with bf16=True), its own loss with
               num_items_in_batch (the global target count, as the Trainer passes it), the same frozen modules, torch
               AdamW fused, clip_grad_norm_; each micro-batch is the examples of the matching lynx row, right-padded
               to the longest (attention_mask). With --nproc 2: DistributedDataParallel over gloo, no_sync on all but
@@ -28,7 +31,7 @@ Sides (each in its own subprocess, or torchrun group with --nproc 2; rounds alte
               use_cache=False: with the config's default use_cache=True the model builds a DynamicCache even in
               training, and with a cache transformers 5.24 skips the packed-sequence detection, so examples would
               attend across their boundaries (the first step's loss, printed for every side, shows it).
-  peak        the bf16 matmul peak: the best of --peak-repeats [N, N] products per process (all --nproc processes
+  peak        the matmul peak in the compute dtype: the best of --peak-repeats [N, N] products per process (all --nproc processes
               at once, summed), before and after the sides; the higher is used.
 
 Time: each side's best step of --steps timed steps after --warmup untimed ones, over --rounds alternating rounds
@@ -69,7 +72,7 @@ from pathlib import Path
 
 import torch
 
-from _common import (DEFAULT_MODEL_CACHE, ROOT, bf16_matmul_peak, current_rss_mib, emit, load_average,  # noqa: E402
+from _common import (DEFAULT_MODEL_CACHE, ROOT, current_rss_mib, matmul_peak, emit, load_average,  # noqa: E402
                      peak_rss_mib, run_worker, smollm2_dir, timed_steps, trim_heap)
 
 SIDES = ("lynx", "hf-padded", "hf-packed")
@@ -238,7 +241,8 @@ def _finish(result: dict, rank: int, baseline: float, peak_before: float, owns: 
 
 def worker_peak(args) -> dict:
     rank, world, owns = _dist()
-    r = bf16_matmul_peak(args.peak_size, args.peak_repeats, barrier=_barrier if world > 1 else None)
+    r = matmul_peak(args.peak_size, args.peak_repeats, barrier=_barrier if world > 1 else None,
+                    dtype=compute_dtype(load_train_config(args.config_file)))
     rates = _gather(r["peak_flops"])
     if rank == 0:
         emit({**r, "peak_flops": sum(rates), "per_process": rates})
@@ -289,6 +293,14 @@ def _slowest_rank(times: list[float]) -> list[float]:
     return [max(ts) for ts in zip(*_gather(times))]
 
 
+def compute_dtype(cfg) -> torch.dtype:
+    """The lynx side's compute dtype (parallel.param_dtype; the demo's auto: bf16 where the CPU has it natively,
+    else fp32), which the transformers side and the matmul peak follow."""
+    from lynx import parallel
+
+    return parallel.dtype_from_name(cfg.parallel.param_dtype, "parallel.param_dtype", "cpu")
+
+
 def worker_hf(args, packed: bool) -> None:
     import transformers
 
@@ -331,6 +343,7 @@ def worker_hf(args, packed: bool) -> None:
                 mask[b, : len(i)] = 1
             inputs.append({"input_ids": ids, "labels": labels, "attention_mask": mask})
     clip = o.grad_clip if o.grad_clip > 0 else float("inf")
+    bf16 = compute_dtype(cfg) == torch.bfloat16  # autocast as the Trainer's bf16=True; fp32 where bf16 is emulated
     model.train()
     trim_heap()
     baseline, peak_before = current_rss_mib(), peak_rss_mib()
@@ -343,7 +356,7 @@ def worker_hf(args, packed: bool) -> None:
             sync = j == len(inputs) - 1 or world == 1
             ctx = ddp.no_sync() if not sync else _nullcontext()
             with ctx:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     loss = ddp(**mb, num_items_in_batch=n_target, use_cache=False).loss
                 (loss * world).backward()  # DDP averages over ranks; the loss is already over the global count
             total += loss.detach().double()
@@ -463,7 +476,7 @@ def main(argv=None) -> int:
     summary = {side: summarise(rs, work["flops"][side], peak_flops, work) for side, rs in runs.items()}
 
     threads = next(iter(runs.values()))[0]["threads"]
-    print(f"bf16 matmul peak ({args.peak_size}^3, {args.nproc} process(es)): {peak_flops / 1e9:.0f} GFLOP/s "
+    print(f"{str(compute_dtype(cfg)).removeprefix('torch.')} matmul peak ({args.peak_size}^3, {args.nproc} process(es)): {peak_flops / 1e9:.0f} GFLOP/s "
           f"(before {peaks[0]['peak_flops'] / 1e9:.0f}, after {peaks[1]['peak_flops'] / 1e9:.0f}); load average "
           f"before {load_before[0]:.1f}, after {load_after[0]:.1f}")
     tl = cfg.model.train_layers

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from _common import ROOT, current_rss_mib, peak_rss_mib, timed_steps, trim_heap  # also puts ROOT on sys.path
-from _common import bf16_matmul_peak
+from _common import matmul_peak
 from _common import run_worker as _run_worker
 
 
@@ -89,7 +89,7 @@ def make_documents(args) -> list[list[int]]:
 
 
 def worker_peak(args) -> dict:
-    return bf16_matmul_peak(args.peak_size, args.peak_repeats)
+    return matmul_peak(args.peak_size, args.peak_repeats)
 
 
 def worker_lynx(args) -> dict:
