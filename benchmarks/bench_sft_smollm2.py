@@ -228,14 +228,21 @@ def _barrier():
 
 
 def _finish(result: dict, rank: int, baseline: float, peak_before: float, owns: bool) -> None:
-    import torch.distributed as dist
-
     memory = _gather({"baseline_rss_mib": baseline, "peak_rss_before_steps_mib": peak_before,
                       "peak_rss_mib": peak_rss_mib()})
     result["memory_per_rank"] = memory
     if rank == 0:
         emit(result)
+    _teardown(owns)
+
+
+def _teardown(owns: bool) -> None:
+    """Destroy the process group once every rank is done with it: a rank that tears gloo down while another still
+    sends aborts the process ("terminate called without an active exception", seen with --nproc 2)."""
+    import torch.distributed as dist
+
     if owns:
+        _barrier()
         dist.destroy_process_group()
 
 
@@ -246,10 +253,7 @@ def worker_peak(args) -> dict:
     rates = _gather(r["peak_flops"])
     if rank == 0:
         emit({**r, "peak_flops": sum(rates), "per_process": rates})
-    if owns:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    _teardown(owns)
 
 
 def worker_lynx(args) -> None:
