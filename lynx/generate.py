@@ -14,9 +14,9 @@ import dataclasses
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lynx.model import Llama
+from lynx.sft_data import IGNORE_INDEX, Example, shared_prefix
 
 
 @dataclasses.dataclass
@@ -78,17 +78,6 @@ def prepack_linear_weights(model: Llama) -> bool:
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth the extra forward pass
 
 
-def common_prefix_length(prompts: list[list[int]]) -> int:
-    """How many leading tokens every prompt shares."""
-    first, n = prompts[0], min(map(len, prompts))
-    for other in prompts[1:]:
-        i = 0
-        while i < n and other[i] == first[i]:
-            i += 1
-        n = i
-    return n
-
-
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
     """Next token [B] from fp32 logits [B, V]: argmax when temperature == 0, else temperature + nucleus sampling."""
     if temperature == 0.0:
@@ -147,8 +136,7 @@ def run_generation(
 
     # The prompts' common prefix (the judge's system turn and instruction) is computed once, not once per row; every
     # row keeps at least its last token to itself (its logits start the generation).
-    C = common_prefix_length(prompts) if B > 1 and share_prefix else 0
-    C = min(C, min(map(len, prompts)) - 1)
+    C = len(shared_prefix([Example(p, [IGNORE_INDEX] * len(p)) for p in prompts])) if B > 1 and share_prefix else 0
     C = C if C >= MIN_SHARED_PREFIX else 0
 
     # Padding sits between the shared prefix and each row's own tokens (left padding when C = 0): every sequence
@@ -165,16 +153,18 @@ def run_generation(
     # Positions count real tokens only (as transformers); padding slots get 0 and are never attended to.
     position_ids = (key_valid[:, :P].long().cumsum(-1) - 1).clamp(min=0)
 
-    # Prefill mask over the slots C..P-1 (keys 0..P-1): causal and padding-free. A padding query sees only itself, so
-    # its row is never all-masked (an all-masked softmax is NaN, and NaN values in the cache would poison real rows
-    # through 0 * NaN). Without padding or a shared prefix, plain causal attention (no mask) lets SDPA use its
-    # fastest kernel.
+    # Prefill mask of the queries at slots C..P-1: causal and padding-free. A padding query sees only itself, so its
+    # row is never all-masked (an all-masked softmax is NaN, and NaN values in the cache would poison real rows
+    # through 0 * NaN). Its keys are the P slots the prefill writes (C = 0), or with a shared prefix the whole cache
+    # (a write after slot 0 reads it all, see KVCache.update; the slots not written yet are not valid keys). Without
+    # padding or a shared prefix, plain causal attention (no mask) lets SDPA use its fastest kernel.
     prefill_mask = None
     if C or not bool(key_valid[:, :P].all()):
-        q_idx, k_idx = torch.arange(C, P, device=device), torch.arange(P, device=device)
+        width = total if C else P
+        q_idx, k_idx = torch.arange(C, P, device=device), torch.arange(width, device=device)
         causal = k_idx[None, :] <= q_idx[:, None]
         itself = k_idx[None, :] == q_idx[:, None]
-        prefill_mask = ((causal[None] & key_valid[:, None, :P]) | itself[None])[:, None]  # [B, 1, P - C, P]
+        prefill_mask = ((causal[None] & key_valid[:, None, :width]) | itself[None])[:, None]  # [B, 1, P - C, width]
 
     caches = model.new_kv_caches(B, total)
     if C:
@@ -204,9 +194,6 @@ def run_generation(
     out_tokens, out_watched = [], []
 
     prefill_kwargs = {} if prefill_mask is None else {"attn_mask": prefill_mask}
-    if C:  # a write after slot 0 reads the whole cache (KVCache.update): widen the mask with the unwritten slots
-        prefill_kwargs["attn_mask"] = F.pad(prefill_mask, (0, total - P), value=False)
-    # Reads the P slots it writes (C = 0), or the prefix's slots too.
     logits = next_logits(input_ids[:, C:], position_ids[:, C:], prefill_kwargs, range(C, P))
     positions = lengths.clone()  # position of the next token per sequence
     for step in range(max_new_tokens):

@@ -296,15 +296,14 @@ def load_gguf_state_dict_into(model: torch.nn.Module, path: str | Path, *, tenso
         tensors = tensor_table(reader)
         del reader
     cfg = model.config
-    in_file = tensors
     ours = model.state_dict()
     wanted = {gguf_name(n): n for n in ours if not (cfg.tie_word_embeddings and n == "head.lm_head.weight")}
-    missing = sorted(set(wanted) - set(in_file))
-    unexpected = sorted(set(in_file) - set(wanted) - {ROPE_FREQS})
+    missing = sorted(set(wanted) - set(tensors))
+    unexpected = sorted(set(tensors) - set(wanted) - {ROPE_FREQS})
     wrong_shape, to_copy = [], []
-    for name in sorted(set(wanted) & set(in_file)):
+    for name in sorted(set(wanted) & set(tensors)):
         target = ours[wanted[name]]
-        shape = tuple(reversed(in_file[name].shape))  # GGUF lists the fastest dimension first
+        shape = tuple(reversed(tensors[name].shape))  # GGUF lists the fastest dimension first
         if shape != tuple(target.shape):
             wrong_shape.append(f"{name}: file {shape} vs model {tuple(target.shape)}")
         else:
@@ -317,7 +316,7 @@ def load_gguf_state_dict_into(model: torch.nn.Module, path: str | Path, *, tenso
         to_copy = tqdm(to_copy, desc="dequantizing GGUF tensors", unit="tensor")
     for name, target in to_copy:
         permuted = name.endswith(("attn_q.weight", "attn_k.weight"))
-        _copy_tensor(in_file[name], target, cfg.head_dim if permuted else None, path)
+        _copy_tensor(tensors[name], target, cfg.head_dim if permuted else None, path)
 
 
 def load_gguf(cls, path: str | Path, *, dtype=None, device="cpu", progress: bool = False):

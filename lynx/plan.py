@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lynx.config import ConfigError, LlamaConfig, fast_dtype
+from lynx.config import ConfigError, LlamaConfig
 
 # Usable memory (what nvidia-smi reports) and bf16 dense peak (lynx.train.metrics.GPU_PEAK_TFLOPS) of each GPU.
 GPUS = {
@@ -279,13 +279,17 @@ def duration(seconds: float) -> str:
 
 
 def report(plan: Plan, cfg, mfu: float, data_note: str) -> str:
+    from lynx import parallel
+
     shard = (f"FSDP full shard over {plan.world} ranks" if plan.shard_group == plan.world else
              f"HSDP: sharded over {plan.shard_group} ranks, replicated {plan.world // plan.shard_group} times")
     tokens_per_s = plan.tokens_per_step / plan.step_seconds
+    param_dtype = str(parallel.dtype_from_name(cfg.parallel.param_dtype, "parallel.param_dtype", "cuda"))
+    param_dtype = param_dtype.removeprefix("torch.")
     lines = [
         f"{plan.world} x {plan.gpu} | {shard} | micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation "
         f"step(s) x {plan.world} ranks = {cfg.global_batch_size} sequences of {plan.seq_len} tokens | activation "
-        f"checkpointing {plan.activation_checkpointing} | params {str(fast_dtype('cuda')).removeprefix('torch.') if cfg.parallel.param_dtype == 'auto' else cfg.parallel.param_dtype}, reduce "
+        f"checkpointing {plan.activation_checkpointing} | params {param_dtype}, reduce "
         f"{cfg.parallel.reduce_dtype} | {cfg.optim.name}",
         "",
         "| per GPU | |",
