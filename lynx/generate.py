@@ -1,8 +1,9 @@
 """Batched text generation with a preallocated KV cache.
 
-One prefill of the whole (left-padded) batch, then one decode step per new token. Left padding follows
-transformers: each sequence's positions count only its real tokens (0..L-1, then L, L+1, ... while decoding), and
-padding keys are masked out, so greedy output is token-identical to `transformers` `generate` on the same weights.
+A prefill of the (left-padded) prompts, then one decode step per new token for the whole batch; with more prompts
+than `batch_size` rows, a row whose sequence ends is refilled with the next prompt (continuous batching). Left padding
+follows transformers: each sequence's positions count only its real tokens (0..L-1, then L, L+1, ... while decoding),
+and padding keys are masked out, so greedy output is token-identical to `transformers` `generate` on the same weights.
 
 Returned tokens exclude the stop token: a sequence that printed `<|eot_id|>` returns what came before it (the
 judge parses that text). `GenerationResult.stopped` says whether a stop id ended the sequence or `max_new_tokens` did.
@@ -11,6 +12,8 @@ judge parses that text). `GenerationResult.stopped` says whether a stop id ended
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -105,14 +108,20 @@ def run_generation(
     pad_id: int = 0,
     watch_ids: list[int] | None = None,
     share_prefix: bool = True,
+    batch_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> GenerationResult:
-    """Generate for a batch of token-id prompts (of any lengths). See the module docstring for the conventions.
+    """Generate for token-id prompts (of any lengths). See the module docstring for the conventions.
 
+    batch_size: rows decoded together (default: every prompt at once). With more prompts than rows, batching is
+    continuous: a row whose sequence ends takes the next waiting prompt at once (its prefill, then it joins the next
+    decode step), so no row idles while the batch's longest completion runs on. Prompts are taken in order.
     share_prefix: the prompts' common prefix (at least MIN_SHARED_PREFIX tokens) is prefilled once and its keys and
     values copied to every row (the judge's prompts share ~170 tokens of ~370); the same computation, reordered.
+    progress(n): called as n more prompts finish.
 
     temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature), restricted to the
-    top_p nucleus, from a torch.Generator seeded with `seed` (same seed, same prompts -> same output).
+    top_p nucleus, from a torch.Generator seeded with `seed` (same seed, same prompts, same batch_size -> same output).
     watch_ids: token ids whose logits are recorded at every step (the judge reads PASS vs FAIL from them).
     """
     if not prompts:
@@ -123,10 +132,13 @@ def run_generation(
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"generate: batch_size must be >= 1, got {batch_size}")
 
     device = model.embed_tokens.weight.device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    total = P + max_new_tokens
+    n, P = len(prompts), max(len(p) for p in prompts)
+    B = min(batch_size or n, n)
+    total = P + max_new_tokens  # cache slots per row: any prompt, then its completion
     limit = model.config.max_position_embeddings
     if total > limit:
         raise ValueError(
@@ -136,92 +148,124 @@ def run_generation(
 
     # The prompts' common prefix (the judge's system turn and instruction) is computed once, not once per row; every
     # row keeps at least its last token to itself (its logits start the generation).
-    C = len(shared_prefix([Example(p, [IGNORE_INDEX] * len(p)) for p in prompts])) if B > 1 and share_prefix else 0
+    C = len(shared_prefix([Example(p, [IGNORE_INDEX] * len(p)) for p in prompts])) if n > 1 and share_prefix else 0
     C = C if C >= MIN_SHARED_PREFIX else 0
-
-    # Padding sits between the shared prefix and each row's own tokens (left padding when C = 0): every sequence
-    # ends at column P - 1, so one decode step serves the whole batch.
-    input_ids = torch.full((B, P), pad_id, dtype=torch.long)
-    key_valid = torch.zeros(B, total, dtype=torch.bool)  # cache slots holding real tokens so far
-    for b, p in enumerate(prompts):
-        input_ids[b, :C] = torch.tensor(p[:C], dtype=torch.long)
-        input_ids[b, P - len(p) + C :] = torch.tensor(p[C:], dtype=torch.long)
-        key_valid[b, :C] = True
-        key_valid[b, P - len(p) + C : P] = True
-    input_ids, key_valid = input_ids.to(device), key_valid.to(device)
-    lengths = key_valid[:, :P].sum(-1)
-    # Positions count real tokens only (as transformers); padding slots get 0 and are never attended to.
-    position_ids = (key_valid[:, :P].long().cumsum(-1) - 1).clamp(min=0)
-
-    # Prefill mask of the queries at slots C..P-1: causal and padding-free. A padding query sees only itself, so its
-    # row is never all-masked (an all-masked softmax is NaN, and NaN values in the cache would poison real rows
-    # through 0 * NaN). Its keys are the P slots the prefill writes (C = 0), or with a shared prefix the whole cache
-    # (a write after slot 0 reads it all, see KVCache.update; the slots not written yet are not valid keys). Without
-    # padding or a shared prefix, plain causal attention (no mask) lets SDPA use its fastest kernel.
-    prefill_mask = None
-    if C or not bool(key_valid[:, :P].all()):
-        width = total if C else P
-        q_idx, k_idx = torch.arange(C, P, device=device), torch.arange(width, device=device)
-        causal = k_idx[None, :] <= q_idx[:, None]
-        itself = k_idx[None, :] == q_idx[:, None]
-        prefill_mask = ((causal[None] & key_valid[:, None, :width]) | itself[None])[:, None]  # [B, 1, P - C, width]
+    prefix_caches = None
+    if C:  # the prefix once, in a one-row cache; its keys and values then fill every admitted row's first C slots
+        prefix_caches = model.new_kv_caches(1, C)
+        model(torch.tensor([prompts[0][:C]], device=device), kv_caches=prefix_caches, last_logits_only=True)
 
     caches = model.new_kv_caches(B, total)
-    if C:
-        # The prefix once, in a one-row cache; its keys and values then fill every row's first C slots.
-        prefix_caches = model.new_kv_caches(1, C)
-        model(input_ids[:1, :C], position_ids=position_ids[:1, :C], kv_caches=prefix_caches, last_logits_only=True)
-        for cache, prefix in zip(caches, prefix_caches):
+    key_valid = torch.zeros(B, total, dtype=torch.bool, device=device)  # cache slots holding real tokens so far
+    slot = torch.zeros(B, dtype=torch.long, device=device)  # where each row's next token is written
+    positions = torch.zeros(B, dtype=torch.long, device=device)  # each row's next token's position
+
+    def admit(rows: list[int], group: list[list[int]]) -> torch.Tensor:
+        """Prefill `group` into cache rows `rows` (replacing what they held); fp32 logits [len(rows), V] of each
+        prompt's last position. Padding sits between the shared prefix and each prompt's own tokens (left padding
+        when C = 0), so every prompt of the group ends at the same column Pg - 1."""
+        k, Pg = len(rows), max(map(len, group))
+        input_ids = torch.full((k, Pg), pad_id, dtype=torch.long)
+        valid = torch.zeros(k, Pg, dtype=torch.bool)
+        for j, p in enumerate(group):
+            input_ids[j, :C] = torch.tensor(p[:C], dtype=torch.long)
+            input_ids[j, Pg - len(p) + C :] = torch.tensor(p[C:], dtype=torch.long)
+            valid[j, :C] = True
+            valid[j, Pg - len(p) + C :] = True
+        input_ids, valid = input_ids.to(device), valid.to(device)
+        # Positions count real tokens only (as transformers); padding slots get 0 and are never attended to.
+        position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        group_caches = model.new_kv_caches(k, Pg)
+        for cache, prefix in zip(group_caches, prefix_caches or ()):
             cache.k[:, :, :C] = prefix.k
             cache.v[:, :, :C] = prefix.v
-
-    def next_logits(tokens, positions, attn_kwargs, slots: range):
-        # Only the last position's logits: a prefill needs no more (fp32 for sampling and the judge's p_pass).
-        logits = model(tokens, position_ids=positions, attn_kwargs=attn_kwargs, kv_caches=caches,
-                       cache_positions=slots, last_logits_only=True)
-        return logits[:, -1].float()
+        # Mask of the queries at slots C..Pg-1 over the Pg slots they read: causal and padding-free. A padding query
+        # sees only itself, so its row is never all-masked (an all-masked softmax is NaN, and NaN values in the cache
+        # would poison real rows through 0 * NaN). Without padding or a shared prefix, plain causal attention (no
+        # mask) lets SDPA use its fastest kernel.
+        attn_kwargs = {}
+        if C or not bool(valid.all()):
+            q_idx, k_idx = torch.arange(C, Pg, device=device), torch.arange(Pg, device=device)
+            causal = k_idx[None, :] <= q_idx[:, None]
+            itself = k_idx[None, :] == q_idx[:, None]
+            attn_kwargs = {"attn_mask": ((causal[None] & valid[:, None, :]) | itself[None])[:, None]}
+        logits = model(input_ids[:, C:], position_ids=position_ids[:, C:], attn_kwargs=attn_kwargs,
+                       kv_caches=group_caches, cache_positions=range(C, Pg), last_logits_only=True)[:, -1].float()
+        at = torch.tensor(rows, device=device)
+        for cache, new in zip(caches, group_caches):
+            cache.k[at, :, :Pg] = new.k
+            cache.v[at, :, :Pg] = new.v
+        key_valid[at] = False
+        key_valid[at, :Pg] = valid
+        slot[at] = Pg
+        positions[at] = valid.sum(-1)
+        return logits
 
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else torch.seed())
 
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    stop = set(stop_ids)
     watch = torch.tensor(watch_ids, dtype=torch.long, device=device) if watch_ids is not None else None
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    stopped = torch.zeros(B, dtype=torch.bool, device=device)
-    n_new = torch.zeros(B, dtype=torch.long, device=device)  # tokens kept per sequence (stop token excluded)
-    out_tokens, out_watched = [], []
+    out_tokens: list[list[int]] = [[] for _ in prompts]  # stop token excluded
+    out_watched: list[list[torch.Tensor]] = [[] for _ in prompts]
+    stopped = [False] * n
+    row_prompt: list[int | None] = [None] * B  # the prompt each row is generating for; None: idle
+    live = torch.zeros(B, dtype=torch.bool, device=device)
+    last_token = torch.full((B,), pad_id, dtype=torch.long, device=device)  # what each row feeds the next step
 
-    prefill_kwargs = {} if prefill_mask is None else {"attn_mask": prefill_mask}
-    logits = next_logits(input_ids[:, C:], position_ids[:, C:], prefill_kwargs, range(C, P))
-    positions = lengths.clone()  # position of the next token per sequence
-    for step in range(max_new_tokens):
-        next_token = _sample(logits, temperature, top_p, generator)
-        out_tokens.append(next_token)
-        if watch is not None:
-            out_watched.append(logits[:, watch])
-        is_stop = torch.isin(next_token, stop) & ~done
-        stopped |= is_stop
-        n_new += (~done & ~is_stop).long()
-        done |= is_stop
-        # One host sync per step; it saves every remaining step once all sequences are finished.
-        if step == max_new_tokens - 1 or bool(done.all()):
+    def take(rows: list[int], logits: torch.Tensor) -> list[int]:
+        """Choose the next token of `rows` from their logits [len(rows), V]; return the rows that just finished."""
+        chosen = _sample(logits, temperature, top_p, generator)
+        watched = logits[:, watch].cpu() if watch is not None else None
+        last_token[torch.tensor(rows, device=device)] = chosen
+        finished = []
+        for j, (b, t) in enumerate(zip(rows, chosen.tolist())):  # one host sync per step
+            i = row_prompt[b]
+            if i is None:  # an idle row decodes along with the batch; its token is discarded
+                continue
+            if watched is not None:
+                out_watched[i].append(watched[j])
+            if t in stop:
+                stopped[i] = True
+            else:
+                out_tokens[i].append(t)
+            if stopped[i] or len(out_tokens[i]) == max_new_tokens:
+                finished.append(b)
+        for b in finished:
+            row_prompt[b] = None
+        live[finished] = False
+        if progress and finished:
+            progress(len(finished))
+        return finished
+
+    waiting, free = deque(range(n)), list(range(B))  # prompts not started yet, in order; idle rows
+    while True:
+        while free and waiting:  # fill idle rows; a prompt can finish at its first token, so loop
+            rows = free[: len(waiting)]
+            del free[: len(rows)]
+            group = []
+            for b in rows:
+                row_prompt[b] = waiting.popleft()
+                group.append(prompts[row_prompt[b]])
+            live[rows] = True
+            free += take(rows, admit(rows, group))
+        if not bool(live.any()):
             break
-        # Finished sequences keep decoding (cheaper than reshaping the batch); their tokens are discarded.
-        slot = P + step
-        key_valid[:, slot] = True
-        decode_mask = key_valid[:, None, None, :]  # a decode step reads the whole cache (see KVCache.update)
-        logits = next_logits(next_token[:, None], positions[:, None], {"attn_mask": decode_mask}, range(slot, slot + 1))
-        positions += 1
+        # One decode step for every row at its own slot; idle rows (no prompt left to take) write at their last slot,
+        # which no live row reads, and their logits are discarded: cheaper than reshaping the batch.
+        key_valid[live, slot[live]] = True
+        logits = model(last_token[:, None], position_ids=positions[:, None],
+                       attn_kwargs={"attn_mask": key_valid[:, None, None, :]}, kv_caches=caches,
+                       cache_positions=slot, last_logits_only=True)[:, -1].float()
+        slot += live
+        positions += live
+        free += take(list(range(B)), logits)
 
-    tokens = torch.stack(out_tokens, dim=1).cpu()  # [B, steps]
-    n_new, stopped = n_new.cpu().tolist(), stopped.cpu().tolist()
-    result = GenerationResult([tokens[b, : n_new[b]].tolist() for b in range(B)], stopped)
-    if watch is not None:
-        watched = torch.stack(out_watched, dim=1).cpu()  # [B, steps, W]
-        # Keep the rows up to and including the stop step.
-        result.watched_logits = [watched[b, : n_new[b] + int(stopped[b])] for b in range(B)]
+    result = GenerationResult(out_tokens, stopped)
+    if watch is not None:  # per prompt, the steps up to and including the stop step
+        result.watched_logits = [torch.stack(w) for w in out_watched]
     return result
 
 
@@ -235,9 +279,10 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     pad_id: int = 0,
+    batch_size: int | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt (stop token excluded); greedy when temperature == 0."""
     return run_generation(
         model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, temperature=temperature, top_p=top_p,
-        seed=seed, pad_id=pad_id,
+        seed=seed, pad_id=pad_id, batch_size=batch_size,
     ).tokens

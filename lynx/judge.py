@@ -29,7 +29,7 @@ from lynx.checkpoint import checkpoint_dtype
 from lynx.config import LlamaConfig, bf16_is_native
 from lynx.generate import prepack_linear_weights, run_generation
 from lynx.model import Llama
-from lynx.prompt import TRUNCATION_MARKER, judge_messages, truncate_document
+from lynx.prompt import judge_messages, truncate_document
 from lynx.tokenizer import Tokenizer
 
 FAST_PREFIX = '{"REASONING": [], "SCORE": "'
@@ -360,8 +360,8 @@ class Judge:
         return self.judge_batch([(question, context, answer)], fast=fast)[0]
 
     def judge_batch(self, examples, *, fast: bool = False, batch_size: int | None = None, progress=None) -> list[Verdict]:
-        """Verdicts for (question, context, answer) tuples, in order. Examples are batched by prompt length
-        (longest first, so running out of memory shows up at once). `progress(n)` is called as n examples finish."""
+        """Verdicts for (question, context, answer) tuples, in order. Examples are taken longest prompt first (so
+        running out of memory shows up at once). `progress(n)` is called as n examples finish."""
         batch_size = batch_size or self.batch_size
         verdicts: list[Verdict | None] = [None] * len(examples)
         prompts = {}
@@ -375,26 +375,21 @@ class Judge:
         if progress and len(prompts) < len(examples):
             progress(len(examples) - len(prompts))
         order = sorted(prompts, key=lambda i: -len(prompts[i][0]))
-        if fast:
-            results = self._judge_fast([prompts[i][0] for i in order], progress)
-            chunks = [(order, results)]
-        else:
-            chunks = ((order[s : s + batch_size], None) for s in range(0, len(order), batch_size))
-        for chunk, results in chunks:
-            if results is None:
-                results = self._judge_full([prompts[i][0] for i in chunk])
-            for i, verdict in zip(chunk, results):
-                verdict.prompt_tokens = len(prompts[i][0])
-                verdict.truncated = prompts[i][1]
-                verdicts[i] = verdict
-            if progress and not fast:
-                progress(len(chunk))
+        ordered = [prompts[i][0] for i in order]
+        results = self._judge_fast(ordered, progress) if fast else self._judge_full(ordered, batch_size, progress)
+        for i, verdict in zip(order, results):
+            verdict.prompt_tokens = len(prompts[i][0])
+            verdict.truncated = prompts[i][1]
+            verdicts[i] = verdict
         return verdicts
 
-    def _judge_full(self, prompts: list[list[int]]) -> list[Verdict]:
+    def _judge_full(self, prompts: list[list[int]], batch_size: int, progress=None) -> list[Verdict]:
+        """Generated completions, batch_size rows at a time with continuous batching (a finished row takes the next
+        prompt at once)."""
         result = run_generation(
             self.model, prompts, max_new_tokens=self.max_new_tokens, stop_ids=self.tokenizer.stop_ids,
-            pad_id=self.tokenizer.pad_id, watch_ids=self.score_tokens.watch_ids,
+            pad_id=self.tokenizer.pad_id, watch_ids=self.score_tokens.watch_ids, batch_size=batch_size,
+            progress=progress,
         )
         verdicts = []
         for tokens, watched in zip(result.tokens, result.watched_logits):

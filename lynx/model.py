@@ -69,10 +69,11 @@ class KVCache:
     """One attention layer's keys and values during generation, preallocated [B, H_kv, max_len, D] (as gpt-fast's).
 
     `update(positions, k, v)` writes k, v [B, T, H_kv, D] at the cache slots `positions` (a range of T slots, the
-    same for every row) and returns the keys and values attention reads, [B, S, H_kv, D]:
-    - a write starting at slot 0 (a prefill): the slots just written, so attention runs as it would without a cache
-      (plain causal, or the caller's [B, 1, T, T] mask);
-    - any later write (a decode step): the whole buffer, S = max_len, and the caller's mask [B, 1, T, max_len] must
+    same for every row, or a tensor [B] of one slot per row when T = 1: rows admitted at different times by
+    continuous batching) and returns the keys and values attention reads, [B, S, H_kv, D]:
+    - a write of a range starting at slot 0 (a prefill): the slots just written, so attention runs as it would
+      without a cache (plain causal, or the caller's [B, 1, T, T] mask);
+    - any other write (a decode step): the whole buffer, S = max_len, and the caller's mask [B, 1, T, max_len] must
       hide the slots not written yet. Decode reads the buffer in place: a slice of the written part runs other
       kernels (other last bits in the logits; slower in bf16).
     """
@@ -82,7 +83,15 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def update(self, positions: range, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, positions: range | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if isinstance(positions, torch.Tensor):
+            if k.shape[1] != 1 or positions.shape != (k.shape[0],):
+                raise ValueError(f"KVCache.update: per-row slots take one new key per row, got slots of shape "
+                                 f"{tuple(positions.shape)} for keys {tuple(k.shape)}")
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[rows, :, positions] = k[:, 0]
+            self.v[rows, :, positions] = v[:, 0]
+            return self.k.transpose(1, 2), self.v.transpose(1, 2)
         if positions.step != 1 or len(positions) != k.shape[1] or positions.stop > self.k.shape[2]:
             raise ValueError(f"KVCache.update: {k.shape[1]} new keys need {k.shape[1]} consecutive slots below "
                              f"{self.k.shape[2]}, got {positions}")
@@ -102,7 +111,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache: KVCache | None = None,
-                cache_positions: range | None = None, last_only: bool = False):
+                cache_positions: range | torch.Tensor | None = None, last_only: bool = False):
         B, T, _ = x.shape
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -142,7 +151,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache: KVCache | None = None,
-                cache_positions: range | None = None, last_only: bool = False):
+                cache_positions: range | torch.Tensor | None = None, last_only: bool = False):
         """last_only: output the last position only (its keys and values still cover every position)."""
         h = self.self_attn(self.input_layernorm(x), cos, sin, attn_kwargs, kv_cache, cache_positions, last_only)
         x = (x[:, -1:] if last_only else x) + h
@@ -194,7 +203,7 @@ class Llama(nn.Module):
         position_ids: torch.Tensor | None = None,
         attn_kwargs: dict | None = None,
         kv_caches: list[KVCache] | None = None,
-        cache_positions: range | None = None,
+        cache_positions: range | torch.Tensor | None = None,
         reduction: str = "mean",
         last_logits_only: bool = False,
         logit_positions: torch.Tensor | None = None,
@@ -204,7 +213,7 @@ class Llama(nn.Module):
         position_ids: [B, T] (default: cache_positions, else 0..T-1); packed sequences restart them per document.
         attn_kwargs: passed to `lynx.attention.attention` (a mask for generation, segment info for packing).
         kv_caches: one KVCache per layer (see `new_kv_caches`), written at the slots cache_positions (default
-        0..T-1); what attention then reads, and so the mask it needs, is KVCache.update's rule.
+        0..T-1, or one slot per row); what attention then reads, and so the mask it needs, is KVCache.update's rule.
         last_logits_only: logits of the last position only, [B, 1, V] (generation: a prefill needs no more). The last
         block then runs its query, attention output and MLP for that position alone (every position's keys and values
         are still computed and cached): nothing else reads the other positions' final hidden states, and projecting
@@ -218,6 +227,8 @@ class Llama(nn.Module):
         if cache_positions is None:
             cache_positions = range(T)
         if position_ids is None:
+            if isinstance(cache_positions, torch.Tensor):
+                raise ValueError("per-row cache_positions need explicit position_ids")
             start = cache_positions.start
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         h = self.embed_tokens(input_ids)

@@ -103,6 +103,47 @@ def test_shared_prefix_is_computed_once_and_changes_nothing(models, prompts, mon
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("prefix", [[], SHARED])
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_continuous_batching_refills_rows_and_changes_nothing(models, monkeypatch, prefix, batch_size):
+    """More prompts than rows: each row takes the next prompt as its sequence ends (a stop id ends some early), and
+    every prompt's tokens, stop flag and watched logits are those of the whole batch at once, and transformers'."""
+    ours, hf = models
+    prompts = [prefix + p for p in PROMPTS + [[3, 3, 9, 12, 80], [44, 45]]]
+    free = generate(ours, prompts, max_new_tokens=10)
+    stop = [free[0][1], free[3][2], free[5][0]]  # prompts 0, 3 and 5 end early (and any other that prints one)
+    everything = run_generation(ours, prompts, max_new_tokens=10, stop_ids=stop, watch_ids=[3, 70])
+    assert free == hf_generate(hf, prompts, max_new_tokens=10)
+    cut = [next((j for j, t in enumerate(toks) if t in stop), len(toks)) for toks in free]
+    assert everything.tokens == [toks[:j] for toks, j in zip(free, cut)]
+    assert sum(everything.stopped) == 3
+    rows, decode_steps, finished = [], [], []
+
+    def counting_forward(input_ids, *a, _f=ours.forward, **k):
+        rows.append(input_ids.shape[0])
+        decode_steps.append(isinstance(k.get("cache_positions"), torch.Tensor))  # one slot per row: a decode step
+        return _f(input_ids, *a, **k)
+
+    monkeypatch.setattr(ours, "forward", counting_forward)
+    res = run_generation(ours, prompts, max_new_tokens=10, stop_ids=stop, watch_ids=[3, 70],
+                         batch_size=batch_size, progress=finished.append)
+    assert res.tokens == everything.tokens
+    assert res.stopped == everything.stopped
+    for a, b in zip(res.watched_logits, everything.watched_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert max(rows) == batch_size and sum(finished) == len(prompts)
+    # Refilling beats running each static batch of the same size to its longest completion.
+    steps = [len(t) + s for t, s in zip(everything.tokens, everything.stopped)]  # tokens chosen per prompt
+    static_steps = sum(max(steps[i : i + batch_size]) - 1 for i in range(0, len(prompts), batch_size))
+    assert sum(decode_steps) < static_steps if batch_size > 1 else sum(decode_steps) == static_steps
+
+
+def test_sampling_with_continuous_batching_is_seeded(models):
+    ours, _ = models
+    kwargs = dict(max_new_tokens=8, temperature=1.0, top_p=0.9, batch_size=2)
+    assert generate(ours, PROMPTS, seed=9, **kwargs) == generate(ours, PROMPTS, seed=9, **kwargs)
+
+
 def test_watched_logits_match_a_plain_forward(models):
     ours, _ = models
     watch = [3, 70, 200]
