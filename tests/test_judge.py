@@ -10,8 +10,8 @@ import torch
 
 import lynx.judge as judge_mod
 from lynx.generate import GenerationResult
-from lynx.judge import FAST_PREFIX, TRUNCATION_MARKER, Judge, parse_output, resolve_model_dir, score_step
-from lynx.prompt import format_prompt
+from lynx.judge import FAST_PREFIX, Judge, parse_output, resolve_model_dir, score_step
+from lynx.prompt import TRUNCATION_MARKER, format_prompt
 from lynx.tokenizer import Tokenizer
 from tests.conftest import make_tiny_checkpoint
 
