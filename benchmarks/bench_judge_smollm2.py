@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32, help="full mode (the published judge allows 600)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch: full mode, and transformers' fast "
                                                               "mode (judge.py's default)")
-    p.add_argument("--pack-tokens", type=int, default=4096, help="lynx fast mode: tokens per packed forward pass")
+    p.add_argument("--pack-tokens", type=int, help="lynx fast mode: tokens per packed forward pass (default: "
+                                                    "Judge's, lynx.judge.FAST_PACK_TOKENS)")
     p.add_argument("--hf-attn", nargs="+", choices=HF_ATTN, default=list(HF_ATTN))
     p.add_argument("--repeats", type=int, default=2, help="interleaved timed rounds; the best of each is kept")
     p.add_argument("--warmup-rows", type=int, default=8, help="rows of the one warm-up call per side and mode")
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
     import lynx.judge as judge_module
     from lynx.config import fast_dtype
     from lynx.demo import read_jsonl, stratified_subset
-    from lynx.judge import Judge
+    from lynx.judge import FAST_PACK_TOKENS, Judge
 
     transformers.logging.set_verbosity_error()
     model_dir = smollm2_dir(args.model, DEFAULT_MODEL_CACHE)
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
     dtype_name = str(dtype).removeprefix("torch.")
     load_before = load_average()
     judge = Judge(model_dir, dtype=dtype, device="cpu", max_new_tokens=args.max_new_tokens,
-                  batch_size=args.batch_size, pack_tokens=args.pack_tokens)
+                  batch_size=args.batch_size, pack_tokens=args.pack_tokens or FAST_PACK_TOKENS)
     tok = judge.tokenizer
     hf = {f"hf-{impl}": transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype,
                                                                       attn_implementation=impl).eval()
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
     n_prompt_tokens = {"fast": sum(map(len, fast_prompts)), "full": sum(map(len, prompts))}
     print(f"SmolLM2-135M {dtype_name} ({model_dir}); {len(examples)} rows, prompts {min(map(len, prompts))}-"
           f"{max(map(len, prompts))} tokens (mean {n_prompt_tokens['full'] / len(prompts):.0f}); full mode "
-          f"max_new_tokens {args.max_new_tokens}, batch {args.batch_size}; lynx fast packs {args.pack_tokens} tokens; "
+          f"max_new_tokens {args.max_new_tokens}, batch {args.batch_size}; lynx fast packs {judge.pack_tokens} tokens; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; building the prompts (in lynx's timed "
           f"calls): {prompt_s:.2f} s", flush=True)
     for mode in args.modes:
