@@ -212,14 +212,13 @@ def run_generation(
     out_watched: list[list[torch.Tensor]] = [[] for _ in prompts]
     stopped = [False] * n
     row_prompt: list[int | None] = [None] * B  # the prompt each row is generating for; None: idle
-    live = torch.zeros(B, dtype=torch.bool, device=device)
     last_token = torch.full((B,), pad_id, dtype=torch.long, device=device)  # what each row feeds the next step
 
     def take(rows: list[int], logits: torch.Tensor) -> list[int]:
         """Choose the next token of `rows` from their logits [len(rows), V]; return the rows that just finished."""
         chosen = _sample(logits, temperature, top_p, generator)
         watched = logits[:, watch].cpu() if watch is not None else None
-        last_token[torch.tensor(rows, device=device)] = chosen
+        last_token[rows] = chosen
         finished = []
         for j, (b, t) in enumerate(zip(rows, chosen.tolist())):  # one host sync per step
             i = row_prompt[b]
@@ -235,7 +234,6 @@ def run_generation(
                 finished.append(b)
         for b in finished:
             row_prompt[b] = None
-        live[finished] = False
         if progress and finished:
             progress(len(finished))
         return finished
@@ -249,12 +247,12 @@ def run_generation(
             for b in rows:
                 row_prompt[b] = waiting.popleft()
                 group.append(prompts[row_prompt[b]])
-            live[rows] = True
             free += take(rows, admit(rows, group))
-        if not bool(live.any()):
+        if len(free) == B:
             break
         # One decode step for every row at its own slot; idle rows (no prompt left to take) write at their last slot,
         # which no live row reads, and their logits are discarded: cheaper than reshaping the batch.
+        live = torch.tensor([i is not None for i in row_prompt], device=device)
         key_valid[live, slot[live]] = True
         logits = model(last_token[:, None], position_ids=positions[:, None],
                        attn_kwargs={"attn_mask": key_valid[:, None, None, :]}, kv_caches=caches,

@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="skip the reasoning: read p_pass right after a forced "
                           "'{\"REASONING\": [], \"SCORE\": \"' (one forward pass per example)")
     gen.add_argument("--max-new-tokens", type=int, default=600, help="generation length (published: 600)")
-    gen.add_argument("--batch-size", type=int, default=8, help="full mode: rows decoded together (continuous batching: a finished row takes the next "
+    gen.add_argument("--batch-size", type=int, default=8,
+                     help="full mode: rows decoded together (continuous batching: a finished row takes the next "
                           "example at once)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                      help="weights dtype (auto: bfloat16 on GPU; on CPU the checkpoint's dtype, but float32 for a bf16 "
