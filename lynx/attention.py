@@ -12,6 +12,9 @@ Shared prefix (`prefix_len` P > 0, packed sequences only): every row starts with
 fixed part of a prompt, e.g. the judge instruction) as its first segment, and every later segment of the row attends
 to those keys as well as causally to itself, as if the prefix had been repeated in front of each document. The
 prefix is then computed (and back-propagated) once per row instead of once per document.
+Cached prefix (`prefix_kv`, packed sequences only, inference): the prefix's keys and values were computed once
+beforehand (a KV cache filled by a forward pass of the prefix alone); the rows hold documents only, and every segment
+attends to those keys as well as causally to itself. Judging computes the prefix once for all its packed passes.
 
 Why per segment rather than the dense mask: SDPA's CPU flash kernel skips the key blocks above the diagonal only
 with is_causal=True; with a dense mask it computes every [T, T] score and builds the mask in every layer. Per
@@ -19,6 +22,8 @@ segment, the work is sum(L_i^2) / 2 instead of T^2. (benchmarks/bench_train_step
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +53,7 @@ def attention(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     prefix_len: int = 0,
+    prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention; returns [B, T, Hq, D].
 
@@ -59,13 +65,15 @@ def attention(
     segment and zero across segments.
     max_seqlen: the longest segment (flash-attn needs it as a Python int; computed from cu_seqlens if omitted).
     prefix_len: with cu_seqlens, the shared prefix of every row (see the module docstring); 0 = none.
+    prefix_kv: with cu_seqlens, a cached prefix's keys and values [1 or B, P, Hkv, D] every segment also attends to
+    (see the module docstring); not with prefix_len.
     """
     if cu_seqlens is not None:
         if attn_mask is not None:
             raise ValueError("attention: pass either attn_mask or cu_seqlens, not both")
-        return packed_attention(q, k, v, cu_seqlens, max_seqlen, prefix_len)
-    if prefix_len:
-        raise ValueError("attention: prefix_len applies to packed sequences (cu_seqlens) only")
+        return packed_attention(q, k, v, cu_seqlens, max_seqlen, prefix_len, prefix_kv)
+    if prefix_len or prefix_kv is not None:
+        raise ValueError("attention: prefix_len and prefix_kv apply to packed sequences (cu_seqlens) only")
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
     if q.shape[2] == 1 and attn_mask is not None:
         return single_query_attention(q, k, v, attn_mask).transpose(1, 2)
@@ -91,55 +99,80 @@ def single_query_attention(q, k, v, attn_mask) -> torch.Tensor:
 
 
 def packed_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int | None = None,
-                     prefix_len: int = 0) -> torch.Tensor:
+                     prefix_len: int = 0, prefix_kv=None) -> torch.Tensor:
     """Causal attention within the segments given by cu_seqlens (each row's later segments also seeing its first
-    `prefix_len` tokens); q, k, v [B, T, H, D] -> [B, T, Hq, D]."""
+    `prefix_len` tokens, or every segment the cached prefix_kv); q, k, v [B, T, H, D] -> [B, T, Hq, D]."""
     B, T, Hq, D = q.shape
     if k.shape[1] != T:
         raise ValueError(f"packed attention needs as many keys as queries (got {k.shape[1]} keys, {T} queries)")
+    if prefix_kv is not None:
+        if prefix_len:
+            raise ValueError("attention: a cached prefix (prefix_kv) replaces the in-row one; pass prefix_len=0")
+        pk = prefix_kv[0]
+        if pk.shape[0] not in (1, B) or pk.shape[2:] != k.shape[2:] or prefix_kv[1].shape != pk.shape:
+            raise ValueError(f"attention: prefix_kv must be [1 or B={B}, P, {k.shape[2]}, {D}] keys and values, "
+                             f"got {tuple(pk.shape)} and {tuple(prefix_kv[1].shape)}")
+        prefix_kv = tuple(t.to(q.dtype) for t in prefix_kv)  # a cache kept in the weights' dtype, read under autocast
     if use_flash_varlen(q):
         # flash-attn reads int32 offsets only, from the GPU.
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
         q, k, v = (t.reshape(B * T, t.shape[2], D) for t in (q, k, v))  # the batch as one token axis
         cu_k = cu_seqlens
-        if prefix_len:
+        if prefix_len or prefix_kv is not None:
             # Each later segment's keys are its row's prefix followed by its own; causal=True aligns the causal mask
             # to the bottom right (flash-attn >= 2.1), so every query sees the whole prefix and its own past.
-            index, cu_k = shared_prefix_key_index(cu_seqlens.tolist(), B, T, prefix_len)
+            cached = 0
+            if prefix_kv is not None:  # the cached prefix's keys go in front of the flat keys
+                cached = prefix_kv[0].shape[1]
+                k, v = (torch.cat([p_.reshape(-1, p_.shape[2], D), t]) for p_, t in zip(prefix_kv, (k, v)))
+            index, cu_k = shared_prefix_key_index(cu_seqlens.tolist(), B, T, prefix_len, cached,
+                                                  prefix_kv[0].shape[0] if cached else 1)
             index = torch.tensor(index, device=q.device)
             k, v = k[index], v[index]
             cu_k = torch.tensor(cu_k, device=q.device, dtype=torch.int32)
         lengths_q, lengths_k = cu_seqlens[1:] - cu_seqlens[:-1], cu_k[1:] - cu_k[:-1]
-        max_q = int(lengths_q.max()) if max_seqlen is None or prefix_len else max_seqlen
-        max_k = int(lengths_k.max()) if max_seqlen is None or prefix_len else max_seqlen
+        exact = max_seqlen is None or prefix_len or prefix_kv is not None
+        max_q = int(lengths_q.max()) if exact else max_seqlen
+        max_k = int(lengths_k.max()) if exact else max_seqlen
         out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_k, max_q, max_k, causal=True)  # GQA is native
         return out.view(B, T, Hq, D)
     if CPU_PACKED_IMPL == "segments" and not torch.compiler.is_compiling():
-        return segment_attention(q, k, v, cu_seqlens, prefix_len)
+        return segment_attention(q, k, v, cu_seqlens, prefix_len, prefix_kv)
     if CPU_PACKED_IMPL not in ("segments", "mask"):
         raise ValueError(f"lynx.attention.CPU_PACKED_IMPL must be 'segments' or 'mask', got {CPU_PACKED_IMPL!r}")
     mask = block_causal_mask(cu_seqlens, B, T, q.device, prefix_len)
+    if prefix_kv is not None:  # every row's keys: the cached prefix's (all visible), then its own
+        k, v = (torch.cat([p_.expand(B, -1, -1, -1), t], dim=1) for p_, t in zip(prefix_kv, (k, v)))
+        P = prefix_kv[0].shape[1]
+        mask = torch.cat([torch.ones(B, 1, T, P, dtype=torch.bool, device=q.device), mask], dim=-1)
     return attention(q, k, v, attn_mask=mask)
 
 
-def shared_prefix_key_index(bounds: list[int], batch_size: int, seq_len: int, prefix_len: int):
+def shared_prefix_key_index(bounds: list[int], batch_size: int, seq_len: int, prefix_len: int,
+                            cached_len: int = 0, cached_rows: int = 1):
     """For flash-attn's varlen keys with a shared prefix: the flat token index of every segment's keys (its row's
-    prefix, then itself; the prefix segment itself: just itself) and their cumulative lengths."""
+    prefix, then itself; the prefix segment itself: just itself) and their cumulative lengths. With a cached prefix
+    (cached_len > 0: its cached_rows * cached_len keys placed in front of the flat keys), every segment's keys are
+    its row's cached prefix (or the one shared by all rows), then itself."""
     _check_cu_seqlens(bounds, batch_size, seq_len, prefix_len)
     index, cu_k = [], [0]
     for s, e in zip(bounds[:-1], bounds[1:]):
         row_start = s - s % seq_len
-        if s != row_start:
+        if cached_len:
+            first = (s // seq_len if cached_rows > 1 else 0) * cached_len
+            index += range(first, first + cached_len)
+        elif prefix_len and s != row_start:
             index += range(row_start, row_start + prefix_len)
-        index += range(s, e)
+        offset = cached_rows * cached_len if cached_len else 0
+        index += range(offset + s, offset + e)
         cu_k.append(len(index))
     return index, cu_k
 
 
-def segment_attention(q, k, v, cu_seqlens: torch.Tensor, prefix_len: int = 0) -> torch.Tensor:
+def segment_attention(q, k, v, cu_seqlens: torch.Tensor, prefix_len: int = 0, prefix_kv=None) -> torch.Tensor:
     """Causal SDPA on each segment of cu_seqlens separately (q, k, v [B, T, H, D] -> [B, T, Hq, D]); with a shared
-    prefix, each later segment's keys are its row's prefix and itself, under a mask [L, P + L] (prefix all visible,
-    then causal).
+    prefix (the row's first prefix_len tokens, or prefix_kv), each later segment's keys are the prefix's and its own,
+    under a mask [L, P + L] (prefix all visible, then causal).
 
     The batch is flattened to one token axis, so a segment is a contiguous run of tokens. Segments of equal length
     (one document per row, or unpacked batches) go through one batched call."""
@@ -148,28 +181,45 @@ def segment_attention(q, k, v, cu_seqlens: torch.Tensor, prefix_len: int = 0) ->
     _check_cu_seqlens(bounds, B, T, prefix_len)
     q, k, v = (t.reshape(B * T, t.shape[2], D) for t in (q, k, v))
     lengths = {e - s for s, e in zip(bounds[:-1], bounds[1:])}
-    if len(lengths) == 1 and not prefix_len:
+    if len(lengths) == 1 and not prefix_len and prefix_kv is None:
         n = lengths.pop()
         return attention(*(t.view(B * T // n, n, t.shape[1], D) for t in (q, k, v))).view(B, T, Hq, D)
-    gqa = q.shape[1] != k.shape[1]
+    Hkv = k.shape[1]
+    group = Hq // Hkv
     outs = []
     for s, e in zip(bounds[:-1], bounds[1:]):
-        # Contiguous [1, H, L, D] copies: the CPU flash kernel's backward runs ~1.5x faster on them than on strided
-        # views, and the copies are small next to the attention itself.
-        qs = q[s:e].transpose(0, 1)[None].contiguous()
-        row_start = s - s % T
-        if prefix_len and s != row_start:
-            keys = torch.cat([torch.arange(row_start, row_start + prefix_len), torch.arange(s, e)]).to(q.device)
-            ks, vs = (t[keys].transpose(0, 1)[None] for t in (k, v))
-            L = e - s
-            mask = torch.ones(L, prefix_len + L, dtype=torch.bool, device=q.device)
-            mask[:, prefix_len:] = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
+        row_start, L = s - s % T, e - s
+        if prefix_kv is not None or (prefix_len and s != row_start):
+            if prefix_kv is not None:
+                row = s // T if prefix_kv[0].shape[0] > 1 else 0
+                pk, pv = (t[row].transpose(0, 1) for t in prefix_kv)  # [Hkv, P, D]
+            else:
+                pk, pv = (t[row_start : row_start + prefix_len].transpose(0, 1) for t in (k, v))
+            ks, vs = (torch.cat([p_, t[s:e].transpose(0, 1)], dim=1)[None] for p_, t in ((pk, k), (pv, v)))
+            # GQA heads folded into the query axis, [1, Hkv, group * L, D] (query head j * group + i reads KV head
+            # j), with an additive mask made once per shape: the CPU flash kernel then runs 15-35% faster than with
+            # enable_gqa and a boolean mask it converts on every call.
+            qs = q[s:e].view(L, Hkv, group, D).permute(1, 2, 0, 3).reshape(1, Hkv, group * L, D)
+            mask = prefix_causal_mask(L, pk.shape[1], group, q.dtype, q.device)
+            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+            outs.append(out.view(Hkv, group, L, D).permute(2, 0, 1, 3).reshape(L, Hq, D))
         else:
-            ks, vs = (t[s:e].transpose(0, 1)[None].contiguous() for t in (k, v))
-            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
-        outs.append(out[0].transpose(0, 1))
+            # Contiguous [1, H, L, D] copies: the CPU flash kernel's backward runs ~1.5x faster on them than on
+            # strided views, and the copies are small next to the attention itself.
+            qs, ks, vs = (t[s:e].transpose(0, 1)[None].contiguous() for t in (q, k, v))
+            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=group > 1)
+            outs.append(out[0].transpose(0, 1))
     return torch.cat(outs).view(B, T, Hq, D)
+
+
+@functools.lru_cache(maxsize=64)  # the shapes of one packed batch, reused by every layer
+def prefix_causal_mask(length: int, prefix_len: int, group: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive mask [group * length, prefix_len + length]: 0 where a query sees the key (every prefix key, then
+    causally its own segment's), -inf elsewhere; the block of `length` rows repeated for each folded query head."""
+    visible = torch.ones(length, prefix_len + length, dtype=torch.bool, device=device)
+    visible[:, prefix_len:] = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+    return mask.repeat(group, 1)
 
 
 def _check_cu_seqlens(bounds: list[int], batch_size: int, seq_len: int, prefix_len: int = 0) -> None:

@@ -76,6 +76,8 @@ class KVCache:
     - any other write (a decode step): the whole buffer, S = max_len, and the caller's mask [B, 1, T, max_len] must
       hide the slots not written yet. Decode reads the buffer in place: a slice of the written part runs other
       kernels (other last bits in the logits; slower in bf16).
+    Packed sequences (`cu_seqlens`) do not write: the whole cache is a prefix every document attends to
+    (lynx.attention's cached prefix; `Llama.forward`).
     """
 
     def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, *, dtype, device=None):
@@ -118,7 +120,10 @@ class Attention(nn.Module):
         if last_only:  # the last position's query only; every position's keys and values (they fill the cache)
             x, cos, sin = x[:, -1:], cos[:, -1:], sin[:, -1:]
         q = apply_rope(self.q_proj(x).view(B, x.shape[1], self.n_heads, self.head_dim), cos, sin)
-        if kv_cache is not None:
+        if kv_cache is not None and "cu_seqlens" in attn_kwargs:
+            # Packed documents after a cached prefix: every segment also reads the cache's keys, and nothing is written.
+            attn_kwargs = {**attn_kwargs, "prefix_kv": (kv_cache.k.transpose(1, 2), kv_cache.v.transpose(1, 2))}
+        elif kv_cache is not None:
             k, v = kv_cache.update(cache_positions, k, v)
         if last_only:
             if "cu_seqlens" in attn_kwargs:
@@ -214,6 +219,9 @@ class Llama(nn.Module):
         attn_kwargs: passed to `lynx.attention.attention` (a mask for generation, segment info for packing).
         kv_caches: one KVCache per layer (see `new_kv_caches`), written at the slots cache_positions (default
         0..T-1, or one slot per row); what attention then reads, and so the mask it needs, is KVCache.update's rule.
+        With packed sequences (cu_seqlens in attn_kwargs) the caches are read, not written: each whole cache is a prefix
+        every document attends to (judging fills them once with the shared prompt prefix; position_ids then start
+        after it).
         last_logits_only: logits of the last position only, [B, 1, V] (generation: a prefill needs no more). The last
         block then runs its query, attention output and MLP for that position alone (every position's keys and values
         are still computed and cached): nothing else reads the other positions' final hidden states, and projecting

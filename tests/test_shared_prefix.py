@@ -12,6 +12,7 @@ from lynx.attention import attention
 from lynx.model import Llama
 from lynx.sft_data import IGNORE_INDEX, Example, collate, pack, shared_prefix
 from conftest import make_tiny_checkpoint
+from test_packed_attention import dense_reference
 
 P = 7
 
@@ -57,21 +58,68 @@ def fake_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, **kwargs)
     return out
 
 
-@pytest.mark.parametrize("path", ["segments", "mask", "flash"])
-def test_each_document_sees_the_prefix_as_its_own(model, monkeypatch, path):
+def use_path(monkeypatch, path):
     if path == "mask":
         monkeypatch.setattr(attention_module, "CPU_PACKED_IMPL", "mask")
     if path == "flash":
         monkeypatch.setattr(attention_module, "flash_attn_varlen_func", fake_flash_varlen)
         monkeypatch.setattr(attention_module, "use_flash_varlen", lambda q: True)
+
+
+def without_prefix(cu_seqlens: torch.Tensor, seq_len: int, prefix_len: int) -> torch.Tensor:
+    """cu_seqlens of the same rows with each row's first prefix_len tokens (its prefix segment) cut off."""
+    cut = seq_len - prefix_len
+    bounds = {c // seq_len * cut + max(c % seq_len - prefix_len, 0) for c in cu_seqlens.tolist()}
+    return torch.tensor(sorted(bounds), dtype=torch.int32)
+
+
+@pytest.mark.parametrize("path", ["segments", "mask", "flash"])
+def test_cached_prefix_attention_equals_the_prefix_in_every_row(monkeypatch, path):
+    """Rows of documents only, attending to a prefix's keys and values computed beforehand (prefix_kv), give what
+    the same rows give with the prefix as their first segment: the dense reference, GQA and gradients included."""
+    use_path(monkeypatch, path)
+    torch.manual_seed(0)
+    rows, T = [[4, 7, 5], [9, 3]], 16  # row 1 ends in 4 padding tokens (a segment of their own)
+    Pc = 5
+    ends = torch.tensor([n for lengths in rows for n in lengths + ([T - sum(lengths)] if sum(lengths) < T else [])])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), ends.cumsum(0)]).to(torch.int32)
+    q = torch.randn(2, T, 4, 8, requires_grad=True)
+    k, v = (torch.randn(2, T, 2, 8, requires_grad=True) for _ in range(2))
+    pk, pv = (torch.randn(1, Pc, 2, 8, requires_grad=True) for _ in range(2))
+    out = attention(q, k, v, cu_seqlens=cu, prefix_kv=(pk, pv))
+    # Reference: the prefix in front of every row (its queries are discarded).
+    prefix_q = torch.zeros(1, Pc, 4, 8)
+    full = [torch.cat([pt.expand(2, -1, -1, -1), t], dim=1) for pt, t in ((prefix_q, q), (pk, k), (pv, v))]
+    padded_rows = [[Pc] + lengths + ([T - sum(lengths)] if sum(lengths) < T else []) for lengths in rows]
+    ref = dense_reference(*full, padded_rows, Pc)[:, Pc:]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, pk, pv))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v, pk, pv))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["segments", "mask", "flash"])
+@pytest.mark.parametrize("prefix_source", ["in_row", "kv_cache"])
+def test_each_document_sees_the_prefix_as_its_own(model, monkeypatch, path, prefix_source):
+    use_path(monkeypatch, path)
     prefix, exs = examples()
     seq_len = 48
     sequences = pack(exs, seq_len, prefix)
     assert len(sequences) > 1 and all(s.input_ids[:P] == prefix for s in sequences)
     batch = collate(sequences, seq_len)
     with torch.no_grad():
-        logits = model(batch["input_ids"], position_ids=batch["position_ids"],
-                       attn_kwargs={"cu_seqlens": batch["cu_seqlens"], "prefix_len": P})
+        if prefix_source == "in_row":
+            logits = model(batch["input_ids"], position_ids=batch["position_ids"],
+                           attn_kwargs={"cu_seqlens": batch["cu_seqlens"], "prefix_len": P})
+        else:  # the prefix run once into KV caches; the rows then hold the documents only
+            caches = model.new_kv_caches(1, P)
+            model(torch.tensor([prefix]), kv_caches=caches)
+            before = [c.k.clone() for c in caches]
+            logits = model(batch["input_ids"][:, P:], position_ids=batch["position_ids"][:, P:], kv_caches=caches,
+                           attn_kwargs={"cu_seqlens": without_prefix(batch["cu_seqlens"], seq_len, P)})
+            assert all(torch.equal(c.k, k) for c, k in zip(caches, before))  # read, not written
+            logits = torch.cat([torch.zeros(len(sequences), P, logits.shape[-1]), logits], dim=1)  # same indexing
         checked = 0
         for b, seq in enumerate(sequences):
             start = P
@@ -112,3 +160,8 @@ def test_bad_prefix_layouts_are_errors():
         attention(q, q, q, cu_seqlens=torch.tensor([0, 5, 16], dtype=torch.int32), prefix_len=3)
     with pytest.raises(ValueError, match="packed sequences"):
         attention(q, q, q, prefix_len=3)
+    cu = torch.tensor([0, 3, 5, 16], dtype=torch.int32)
+    with pytest.raises(ValueError, match="replaces the in-row one"):
+        attention(q, q, q, cu_seqlens=cu, prefix_len=3, prefix_kv=(q[:, :3], q[:, :3]))
+    with pytest.raises(ValueError, match=r"prefix_kv must be \[1 or B=1, P, 4, 8\]"):
+        attention(q, q, q, cu_seqlens=cu, prefix_kv=(q[:, :3, :2], q[:, :3, :2]))
