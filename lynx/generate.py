@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from lynx.model import Llama
+from lynx.model import MLP, Llama
 from lynx.sft_data import IGNORE_INDEX, Example, shared_prefix
 
 
@@ -64,16 +64,40 @@ def can_prepack(model: Llama) -> bool:
     return all(hasattr(torch.ops.mkldnn, op) for op in ops) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+class PrepackedMLP(nn.Module):
+    """Inference-only stand-in for a bf16 `lynx.model.MLP` on CPU: its three weights prepacked (as PrepackedLinear's)
+    and SwiGLU's elementwise work done inside the matmuls by oneDNN post-ops: silu applied to the gate projection's
+    fp32 accumulators, and the up projection's accumulators multiplied by the gate before rounding. That saves two
+    passes over the [tokens, intermediate] activations (silu alone cost 7% of fast judging) and two bf16 roundings,
+    so outputs are not bit-identical to the plain model's, but nearer fp32's (tested)."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = (PrepackedLinear(m) for m in (mlp.gate_proj, mlp.up_proj,
+                                                                                     mlp.down_proj))
+
+    def forward(self, x):
+        gate = torch.ops.mkldnn._linear_pointwise(x, self.gate_proj.packed_weight, None, "swish", [], "")
+        hidden = torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.up_proj.packed_weight, None, "mul")
+        return self.down_proj(hidden)
+
+
 @torch.no_grad()
-def prepack_linear_weights(model: Llama) -> bool:
+def prepack_linear_weights(model: Llama, fuse_mlp: bool = True) -> bool:
     """Replace every bias-free linear layer of a bf16 CPU model with a PrepackedLinear, in place, and return True;
-    return False (model untouched) where that does not apply (see `can_prepack`). One layer at a time, so memory
-    peaks at one extra weight. The model is then for inference only."""
+    return False (model untouched) where that does not apply (see `can_prepack`). fuse_mlp: the MLPs become
+    PrepackedMLP (SwiGLU fused into the matmuls: faster, not bit-identical); False keeps outputs bit-identical to the
+    plain model's. One layer at a time, so memory peaks at one extra weight. The model is then for inference only."""
     if not can_prepack(model):
         return False
+    fuse_mlp = fuse_mlp and "binary" in torch.ops.mkldnn._linear_pointwise.overloads()
     for parent in list(model.modules()):
+        if fuse_mlp and isinstance(parent, MLP):  # replaced whole by its parent's turn
+            continue
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child.bias is None:
+            if fuse_mlp and isinstance(child, MLP):
+                setattr(parent, name, PrepackedMLP(child))
+            elif isinstance(child, nn.Linear) and child.bias is None:
                 setattr(parent, name, PrepackedLinear(child))
     return True
 

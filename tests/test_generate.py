@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lynx.generate import PrepackedLinear, can_prepack, generate, prepack_linear_weights, run_generation
+from lynx.generate import PrepackedLinear, PrepackedMLP, can_prepack, generate, prepack_linear_weights, run_generation
 from lynx.model import Llama
 from tests.conftest import make_tiny_checkpoint, make_tiny_hf_model
 
@@ -166,7 +166,7 @@ def test_prepacked_bf16_model_generates_bit_identical_output(tmp_path):
     path = make_tiny_checkpoint(tmp_path / "tiny", seed=5)
     plain = Llama.from_pretrained(path, dtype=torch.bfloat16).eval()
     packed = Llama.from_pretrained(path, dtype=torch.bfloat16).eval()
-    did = prepack_linear_weights(packed)
+    did = prepack_linear_weights(packed, fuse_mlp=False)
     assert did == can_prepack(plain)
     if not did:  # a CPU without native bf16 in oneDNN: the model must be left exactly as it was
         assert not any(isinstance(m, PrepackedLinear) for m in packed.modules())
@@ -185,6 +185,30 @@ def test_prepacked_bf16_model_generates_bit_identical_output(tmp_path):
         assert torch.equal(packed(ids), plain(ids))
     with pytest.raises(RuntimeError, match="prepacked"):
         packed(ids, ids)  # the loss reads lm_head.weight, which no longer exists as a plain tensor
+
+
+def test_fused_mlp_is_nearer_fp32_than_the_plain_bf16_model(tmp_path):
+    """PrepackedMLP rounds less than the plain bf16 MLP: its outputs differ from the plain model's by bf16 noise and
+    are at least as near the fp32 model's."""
+    path = make_tiny_checkpoint(tmp_path / "tiny", seed=6)
+    exact = Llama.from_pretrained(path, dtype=torch.float32).eval()
+    plain = Llama.from_pretrained(path, dtype=torch.bfloat16).eval()
+    fused = Llama.from_pretrained(path, dtype=torch.bfloat16).eval()
+    if not prepack_linear_weights(fused):  # no native bf16 in this CPU's oneDNN: the model must be left as it was
+        assert not any(isinstance(m, (PrepackedLinear, PrepackedMLP)) for m in fused.modules())
+        return
+    assert sum(isinstance(m, PrepackedMLP) for m in fused.modules()) == len(fused.layers)
+    ids = torch.randint(3, 300, (4, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = torch.randn(3, 17, exact.config.hidden_size, generator=torch.Generator().manual_seed(1))
+        mlp_exact = exact.layers[0].mlp(x)
+        mlp_plain, mlp_fused = plain.layers[0].mlp(x.bfloat16()).float(), fused.layers[0].mlp(x.bfloat16()).float()
+        ref, a, b = exact(ids), plain(ids).float(), fused(ids).float()
+    assert not torch.equal(mlp_fused, mlp_plain)  # the fused path ran
+    mlp_err_plain, mlp_err_fused = (mlp_plain - mlp_exact).norm(), (mlp_fused - mlp_exact).norm()
+    assert mlp_err_fused < mlp_err_plain
+    assert (b - a).norm() < 0.02 * ref.norm()  # bf16 noise, not another function
+    assert (b - ref).norm() <= 1.05 * (a - ref).norm()
 
 
 def test_fp32_model_is_not_prepacked(models):
