@@ -200,7 +200,9 @@ def segment_attention(q, k, v, cu_seqlens: torch.Tensor, prefix_len: int = 0, pr
             # j), with an additive mask made once per shape: the CPU flash kernel then runs 15-35% faster than with
             # enable_gqa and a boolean mask it converts on every call.
             qs = q[s:e].view(L, Hkv, group, D).permute(1, 2, 0, 3).reshape(1, Hkv, group * L, D)
-            mask = prefix_causal_mask(L, pk.shape[1], group, q.dtype, q.device)
+            # (Not cached under fake tensors, as `lynx.plan` traces a step: the cache would keep a fake mask.)
+            make_mask = prefix_causal_mask.__wrapped__ if torch._guards.detect_fake_mode(q) else prefix_causal_mask
+            mask = make_mask(L, pk.shape[1], group, q.dtype, q.device)
             out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
             outs.append(out.view(Hkv, group, L, D).permute(2, 0, 1, 3).reshape(L, Hq, D))
         else:
