@@ -156,6 +156,7 @@ def shared_prefix_key_index(bounds: list[int], batch_size: int, seq_len: int, pr
     its row's cached prefix (or the one shared by all rows), then itself."""
     _check_cu_seqlens(bounds, batch_size, seq_len, prefix_len)
     index, cu_k = [], [0]
+    offset = cached_rows * cached_len  # where the flat keys start
     for s, e in zip(bounds[:-1], bounds[1:]):
         row_start = s - s % seq_len
         if cached_len:
@@ -163,7 +164,6 @@ def shared_prefix_key_index(bounds: list[int], batch_size: int, seq_len: int, pr
             index += range(first, first + cached_len)
         elif prefix_len and s != row_start:
             index += range(row_start, row_start + prefix_len)
-        offset = cached_rows * cached_len if cached_len else 0
         index += range(offset + s, offset + e)
         cu_k.append(len(index))
     return index, cu_k
@@ -186,6 +186,8 @@ def segment_attention(q, k, v, cu_seqlens: torch.Tensor, prefix_len: int = 0, pr
         return attention(*(t.view(B * T // n, n, t.shape[1], D) for t in (q, k, v))).view(B, T, Hq, D)
     Hkv = k.shape[1]
     group = Hq // Hkv
+    # (Masks are not cached under fake tensors, as `lynx.plan` traces a step: the cache would keep a fake mask.)
+    make_mask = prefix_causal_mask.__wrapped__ if torch._guards.detect_fake_mode(q) else prefix_causal_mask
     outs = []
     for s, e in zip(bounds[:-1], bounds[1:]):
         row_start, L = s - s % T, e - s
@@ -200,8 +202,6 @@ def segment_attention(q, k, v, cu_seqlens: torch.Tensor, prefix_len: int = 0, pr
             # j), with an additive mask made once per shape: the CPU flash kernel then runs 15-35% faster than with
             # enable_gqa and a boolean mask it converts on every call.
             qs = q[s:e].view(L, Hkv, group, D).permute(1, 2, 0, 3).reshape(1, Hkv, group * L, D)
-            # (Not cached under fake tensors, as `lynx.plan` traces a step: the cache would keep a fake mask.)
-            make_mask = prefix_causal_mask.__wrapped__ if torch._guards.detect_fake_mode(q) else prefix_causal_mask
             mask = make_mask(L, pk.shape[1], group, q.dtype, q.device)
             out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
             outs.append(out.view(Hkv, group, L, D).permute(2, 0, 1, 3).reshape(L, Hq, D))
