@@ -54,6 +54,7 @@ def attention(
     max_seqlen: int | None = None,
     prefix_len: int = 0,
     prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention; returns [B, T, Hq, D].
 
@@ -67,13 +68,18 @@ def attention(
     prefix_len: with cu_seqlens, the shared prefix of every row (see the module docstring); 0 = none.
     prefix_kv: with cu_seqlens, a cached prefix's keys and values [1 or B, P, Hkv, D] every segment also attends to
     (see the module docstring); not with prefix_len.
+    query_positions: with cu_seqlens, q holds the queries of these flat positions of the B * T tokens only,
+    [1, N, Hq, D] (packed judging's last block: one position per document is read); returns [1, N, Hq, D].
     """
     if cu_seqlens is not None:
         if attn_mask is not None:
             raise ValueError("attention: pass either attn_mask or cu_seqlens, not both")
+        if query_positions is not None:
+            return packed_attention_at(q, k, v, query_positions, cu_seqlens, prefix_len, prefix_kv)
         return packed_attention(q, k, v, cu_seqlens, max_seqlen, prefix_len, prefix_kv)
-    if prefix_len or prefix_kv is not None:
-        raise ValueError("attention: prefix_len and prefix_kv apply to packed sequences (cu_seqlens) only")
+    if prefix_len or prefix_kv is not None or query_positions is not None:
+        raise ValueError("attention: prefix_len, prefix_kv and query_positions apply to packed sequences "
+                         "(cu_seqlens) only")
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
     if q.shape[2] == 1 and attn_mask is not None:
         return single_query_attention(q, k, v, attn_mask).transpose(1, 2)
@@ -105,14 +111,7 @@ def packed_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int | None =
     B, T, Hq, D = q.shape
     if k.shape[1] != T:
         raise ValueError(f"packed attention needs as many keys as queries (got {k.shape[1]} keys, {T} queries)")
-    if prefix_kv is not None:
-        if prefix_len:
-            raise ValueError("attention: a cached prefix (prefix_kv) replaces the in-row one; pass prefix_len=0")
-        pk = prefix_kv[0]
-        if pk.shape[0] not in (1, B) or pk.shape[2:] != k.shape[2:] or prefix_kv[1].shape != pk.shape:
-            raise ValueError(f"attention: prefix_kv must be [1 or B={B}, P, {k.shape[2]}, {D}] keys and values, "
-                             f"got {tuple(pk.shape)} and {tuple(prefix_kv[1].shape)}")
-        prefix_kv = tuple(t.to(q.dtype) for t in prefix_kv)  # a cache kept in the weights' dtype, read under autocast
+    prefix_kv = _checked_prefix_kv(prefix_kv, prefix_len, k, q.dtype)
     if use_flash_varlen(q):
         # flash-attn reads int32 offsets only, from the GPU.
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
@@ -146,6 +145,47 @@ def packed_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int | None =
         P = prefix_kv[0].shape[1]
         mask = torch.cat([torch.ones(B, 1, T, P, dtype=torch.bool, device=q.device), mask], dim=-1)
     return attention(q, k, v, attn_mask=mask)
+
+
+def _checked_prefix_kv(prefix_kv, prefix_len: int, k: torch.Tensor, dtype: torch.dtype):
+    if prefix_kv is None:
+        return None
+    if prefix_len:
+        raise ValueError("attention: a cached prefix (prefix_kv) replaces the in-row one; pass prefix_len=0")
+    B, pk = k.shape[0], prefix_kv[0]
+    if pk.shape[0] not in (1, B) or pk.shape[2:] != k.shape[2:] or prefix_kv[1].shape != pk.shape:
+        raise ValueError(f"attention: prefix_kv must be [1 or B={B}, P, {k.shape[2]}, {k.shape[3]}] keys and values, "
+                         f"got {tuple(pk.shape)} and {tuple(prefix_kv[1].shape)}")
+    return tuple(t.to(dtype) for t in prefix_kv)  # a cache kept in the weights' dtype, read under autocast
+
+
+def packed_attention_at(q, k, v, positions: torch.Tensor, cu_seqlens: torch.Tensor, prefix_len: int = 0,
+                        prefix_kv=None) -> torch.Tensor:
+    """What packed_attention gives at some flat positions only: q [1, N, Hq, D], the queries of `positions` (int [N]
+    into the B * T tokens of k, v [B, T, Hkv, D]) -> [1, N, Hq, D]. One SDPA call over all the flat keys under a
+    mask (each query: its segment up to itself, its row's prefix, the cached prefix): N is small."""
+    B, T, Hkv, D = k.shape
+    if q.shape[:2] != (1, positions.numel()) or positions.dim() != 1:
+        raise ValueError(f"attention: query_positions [N] need queries [1, N, H, D]; got {tuple(positions.shape)} "
+                         f"positions and queries {tuple(q.shape)}")
+    _check_cu_seqlens(cu_seqlens.tolist(), B, T, prefix_len)
+    prefix_kv = _checked_prefix_kv(prefix_kv, prefix_len, k, q.dtype)
+    positions = positions.to(device=q.device, dtype=torch.int64)
+    if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < B * T:
+        raise ValueError(f"attention: query_positions must lie in 0..{B * T - 1}, got {positions.tolist()}")
+    flat = torch.arange(B * T, device=q.device)
+    segment = torch.searchsorted(cu_seqlens.to(device=q.device, dtype=torch.int64)[1:], flat, right=True)
+    same_segment = segment[None] == segment[positions][:, None]
+    in_row_prefix = (flat[None] // T == positions[:, None] // T) & (flat[None] % T < prefix_len)
+    visible = (same_segment | in_row_prefix) & (flat[None] <= positions[:, None])  # [N, B * T]
+    k, v = (t.reshape(1, B * T, Hkv, D) for t in (k, v))
+    if prefix_kv is not None:  # the cached prefix's keys in front: all visible (or only its own row's)
+        rows, P = prefix_kv[0].shape[:2]
+        cached_row = torch.arange(rows * P, device=q.device) // P
+        sees_cached = (cached_row[None] == positions[:, None] // T) | (rows == 1)
+        visible = torch.cat([sees_cached, visible], dim=1)
+        k, v = (torch.cat([p_.reshape(1, rows * P, Hkv, D), t], dim=1) for p_, t in zip(prefix_kv, (k, v)))
+    return attention(q, k, v, attn_mask=visible[None, None])
 
 
 def shared_prefix_key_index(bounds: list[int], batch_size: int, seq_len: int, prefix_len: int,

@@ -113,13 +113,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache: KVCache | None = None,
-                cache_positions: range | torch.Tensor | None = None, last_only: bool = False):
+                cache_positions: range | torch.Tensor | None = None, last_only: bool = False,
+                read_positions: torch.Tensor | None = None):
         B, T, _ = x.shape
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if last_only:  # the last position's query only; every position's keys and values (they fill the cache)
             x, cos, sin = x[:, -1:], cos[:, -1:], sin[:, -1:]
-        q = apply_rope(self.q_proj(x).view(B, x.shape[1], self.n_heads, self.head_dim), cos, sin)
+        elif read_positions is not None:  # packed: these flat positions' queries only, as one row
+            x, cos, sin = (t.reshape(1, B * T, t.shape[-1])[:, read_positions] for t in (x, cos, sin))
+        q = apply_rope(self.q_proj(x).view(*x.shape[:2], self.n_heads, self.head_dim), cos, sin)
         if kv_cache is not None and "cu_seqlens" in attn_kwargs:
             # Packed documents after a cached prefix: every segment also reads the cache's keys, and nothing is written.
             attn_kwargs = {**attn_kwargs, "prefix_kv": (kv_cache.k.transpose(1, 2), kv_cache.v.transpose(1, 2))}
@@ -132,8 +135,10 @@ class Attention(nn.Module):
             mask = attn_kwargs.get("attn_mask")
             mask = torch.ones(B, 1, 1, k.shape[1], dtype=torch.bool, device=k.device) if mask is None else mask[:, :, -1:]
             attn_kwargs = {"attn_mask": mask}
+        elif read_positions is not None:
+            attn_kwargs = {**attn_kwargs, "query_positions": read_positions}
         out = attention(q, k, v, **attn_kwargs)
-        return self.o_proj(out.reshape(B, q.shape[1], -1))
+        return self.o_proj(out.reshape(*q.shape[:2], -1))
 
 
 class MLP(nn.Module):
@@ -156,10 +161,17 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache: KVCache | None = None,
-                cache_positions: range | torch.Tensor | None = None, last_only: bool = False):
-        """last_only: output the last position only (its keys and values still cover every position)."""
-        h = self.self_attn(self.input_layernorm(x), cos, sin, attn_kwargs, kv_cache, cache_positions, last_only)
-        x = (x[:, -1:] if last_only else x) + h
+                cache_positions: range | torch.Tensor | None = None, last_only: bool = False,
+                read_positions: torch.Tensor | None = None):
+        """last_only: output the last position only; read_positions (packed sequences): output these flat positions
+        only, [1, N, hidden]. Either way the keys and values still cover every position."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, attn_kwargs, kv_cache, cache_positions, last_only,
+                           read_positions)
+        if last_only:
+            x = x[:, -1:]
+        elif read_positions is not None:
+            x = x.reshape(1, -1, x.shape[-1])[:, read_positions]
+        x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -227,7 +239,8 @@ class Llama(nn.Module):
         are still computed and cached): nothing else reads the other positions' final hidden states, and projecting
         them onto a 128k vocabulary would be most of a prefill's work.
         logit_positions: logits [1, N, V] of these N flat positions of the B * T tokens only (packed judging reads one
-        position per document).
+        position per document). With packed sequences the last block, too, runs its query, attention output and MLP
+        at those positions only.
         """
         B, T = input_ids.shape
         if last_logits_only and labels is not None:
@@ -239,15 +252,19 @@ class Llama(nn.Module):
                 raise ValueError("per-row cache_positions need explicit position_ids")
             start = cache_positions.start
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        if logit_positions is not None and labels is not None:
+            raise ValueError("logit_positions returns logits; it cannot be combined with labels (a loss)")
+        attn_kwargs = attn_kwargs or {}
+        # Packed: the last block runs its queries and MLP at the read positions only, like last_logits_only.
+        read_in_last_block = logit_positions is not None and "cu_seqlens" in attn_kwargs
         h = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.config, position_ids, h.dtype)
         for i, layer in enumerate(self.layers):
             cache = kv_caches[i] if kv_caches is not None else None
-            last_only = last_logits_only and i == len(self.layers) - 1
-            h = layer(h, cos, sin, attn_kwargs or {}, cache, cache_positions, last_only)
-        if logit_positions is not None:
-            if labels is not None:
-                raise ValueError("logit_positions returns logits; it cannot be combined with labels (a loss)")
+            last = i == len(self.layers) - 1
+            h = layer(h, cos, sin, attn_kwargs, cache, cache_positions, last_logits_only and last,
+                      logit_positions if read_in_last_block and last else None)
+        if logit_positions is not None and not read_in_last_block:
             h = h.reshape(1, B * T, -1)[:, logit_positions]
         return self.head(h, labels, reduction)
 

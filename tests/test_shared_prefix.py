@@ -165,3 +165,51 @@ def test_bad_prefix_layouts_are_errors():
         attention(q, q, q, cu_seqlens=cu, prefix_len=3, prefix_kv=(q[:, :3], q[:, :3]))
     with pytest.raises(ValueError, match=r"prefix_kv must be \[1 or B=1, P, 4, 8\]"):
         attention(q, q, q, cu_seqlens=cu, prefix_kv=(q[:, :3, :2], q[:, :3, :2]))
+
+
+@pytest.mark.parametrize("prefix", ["none", "in_row", "cached", "cached_per_row"])
+def test_attention_at_some_positions_equals_packed_attention_there(prefix):
+    """query_positions (the last block of packed judging): the queries of a few flat positions give what the whole
+    packed call gives at those positions, whatever the prefix."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 16, 4, 8)
+    k, v = (torch.randn(2, 16, 2, 8) for _ in range(2))
+    prefix_kv = tuple(torch.randn(2 if prefix == "cached_per_row" else 1, 5, 2, 8) for _ in range(2))
+    cu = torch.tensor([0, 4, 11, 16, 25, 28, 32], dtype=torch.int32)  # row 1 ends in 4 padding tokens
+    kwargs = {"cu_seqlens": cu}
+    if prefix == "in_row":  # other segments: each row starts with a 4-token prefix (positions 3 and 16 in it)
+        cu = torch.tensor([0, 4, 11, 16, 20, 25, 28, 32], dtype=torch.int32)
+        kwargs = {"cu_seqlens": cu, "prefix_len": 4}
+    elif prefix != "none":
+        kwargs["prefix_kv"] = prefix_kv
+    positions = torch.tensor([3, 10, 15, 16, 19, 27, 31, 5])
+    with torch.no_grad():
+        whole = attention(q, k, v, **kwargs).reshape(1, 32, 4, 8)[:, positions]
+        some = attention(q.reshape(1, 32, 4, 8)[:, positions], k, v, query_positions=positions, **kwargs)
+    torch.testing.assert_close(some, whole, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"query_positions must lie in 0..31"):
+        attention(q.reshape(1, 32, 4, 8)[:, :1], k, v, query_positions=torch.tensor([32]), **kwargs)
+    with pytest.raises(ValueError, match=r"need queries \[1, N, H, D\]"):
+        attention(q, k, v, query_positions=positions, **kwargs)
+
+
+@pytest.mark.parametrize("prefix_source", ["in_row", "kv_cache"])
+def test_logit_positions_of_packed_rows_equal_the_whole_pass_there(model, prefix_source):
+    """With logit_positions the last block runs at those positions only; the logits there are the whole pass's."""
+    prefix, exs = examples(n=6, seed=2)
+    seq_len = 48
+    batch = collate(pack(exs, seq_len, prefix), seq_len)
+    input_ids, position_ids, cu = batch["input_ids"], batch["position_ids"], batch["cu_seqlens"]
+    kwargs = {"attn_kwargs": {"cu_seqlens": cu, "prefix_len": P}}
+    with torch.no_grad():
+        if prefix_source == "kv_cache":
+            caches = model.new_kv_caches(1, P)
+            model(torch.tensor([prefix]), kv_caches=caches)
+            input_ids, position_ids = input_ids[:, P:], position_ids[:, P:]
+            kwargs = {"kv_caches": caches, "attn_kwargs": {"cu_seqlens": without_prefix(cu, seq_len, P)}}
+        n = input_ids.numel()
+        positions = torch.tensor([n - 1, 0, n // 2, 7, n // 3])
+        whole = model(input_ids, position_ids=position_ids, **kwargs).reshape(1, n, -1)[:, positions]
+        some = model(input_ids, position_ids=position_ids, logit_positions=positions, **kwargs)
+    torch.testing.assert_close(some, whole, rtol=1e-5, atol=1e-5)
+
