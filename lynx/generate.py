@@ -1,9 +1,11 @@
 """Batched text generation with a preallocated KV cache.
 
-A prefill of the (left-padded) prompts, then one decode step per new token for the whole batch; with more prompts
-than `batch_size` rows, a row whose sequence ends is refilled with the next prompt (continuous batching). Left padding
-follows transformers: each sequence's positions count only its real tokens (0..L-1, then L, L+1, ... while decoding),
-and padding keys are masked out, so greedy output is token-identical to `transformers` `generate` on the same weights.
+A prefill of the prompts, packed into one sequence (each attending only to itself and the prompts' shared prefix,
+computed once), then one decode step per new token for the whole batch; with more prompts than `batch_size` rows, a
+row whose sequence ends is refilled with the next prompt (continuous batching). Each row's cache holds its prompt
+from slot 0 and the cache slots no row has written are masked out; positions count each sequence's own tokens
+(0..L-1, then L, L+1, ... while decoding), as transformers' left-padded batches do, so greedy output is
+token-identical to `transformers` `generate` on the same weights.
 
 Returned tokens exclude the stop token: a sequence that printed `<|eot_id|>` returns what came before it (the
 judge parses that text). `GenerationResult.stopped` says whether a stop id ended the sequence or `max_new_tokens` did.
@@ -12,6 +14,7 @@ judge parses that text). `GenerationResult.stopped` says whether a stop id ended
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections import deque
 from collections.abc import Callable
 
@@ -103,6 +106,7 @@ def prepack_linear_weights(model: Llama, fuse_mlp: bool = True) -> bool:
 
 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth the extra forward pass
+PREFILL_TOKENS = 2048  # prompt tokens per prefill pass (as many as judging packs into a pass)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
@@ -133,13 +137,16 @@ def run_generation(
     watch_ids: list[int] | None = None,
     share_prefix: bool = True,
     batch_size: int | None = None,
+    prefill_tokens: int = PREFILL_TOKENS,
     progress: Callable[[int], None] | None = None,
 ) -> GenerationResult:
     """Generate for token-id prompts (of any lengths). See the module docstring for the conventions.
 
     batch_size: rows decoded together (default: every prompt at once). With more prompts than rows, batching is
-    continuous: a row whose sequence ends takes the next waiting prompt at once (its prefill, then it joins the next
-    decode step), so no row idles while the batch's longest completion runs on. Prompts are taken in order.
+    continuous: a row whose sequence ends takes the next waiting prompt at once (it joins the next decode step), so
+    no row idles while the batch's longest completion runs on. Prompts are taken in order.
+    prefill_tokens: prompts are prefilled ahead of need, packed into passes of about this many tokens (at least as
+    many prompts as rows are waiting for one): a pass of a few hundred tokens uses the machine less well.
     share_prefix: the prompts' common prefix (at least MIN_SHARED_PREFIX tokens) is prefilled once and its keys and
     values copied to every row (the judge's prompts share ~170 tokens of ~370); the same computation, reordered.
     progress(n): called as n more prompts finish.
@@ -158,6 +165,8 @@ def run_generation(
         raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"generate: batch_size must be >= 1, got {batch_size}")
+    if prefill_tokens < 1:
+        raise ValueError(f"generate: prefill_tokens must be >= 1, got {prefill_tokens}")
 
     device = model.embed_tokens.weight.device
     n, P = len(prompts), max(len(p) for p in prompts)
@@ -180,50 +189,47 @@ def run_generation(
         model(torch.tensor([prompts[0][:C]], device=device), kv_caches=prefix_caches, last_logits_only=True)
 
     caches = model.new_kv_caches(B, total)
+    for cache, prefix in zip(caches, prefix_caches or ()):  # every row's slots 0..C-1, for good
+        cache.k[:, :, :C] = prefix.k
+        cache.v[:, :, :C] = prefix.v
     key_valid = torch.zeros(B, total, dtype=torch.bool, device=device)  # cache slots holding real tokens so far
     slot = torch.zeros(B, dtype=torch.long, device=device)  # where each row's next token is written
     positions = torch.zeros(B, dtype=torch.long, device=device)  # each row's next token's position
 
-    def admit(rows: list[int], group: list[list[int]]) -> torch.Tensor:
-        """Prefill `group` into cache rows `rows` (replacing what they held); fp32 logits [len(rows), V] of each
-        prompt's last position. Padding sits between the shared prefix and each prompt's own tokens (left padding
-        when C = 0), so every prompt of the group ends at the same column Pg - 1."""
-        k, Pg = len(rows), max(map(len, group))
-        input_ids = torch.full((k, Pg), pad_id, dtype=torch.long)
-        valid = torch.zeros(k, Pg, dtype=torch.bool)
-        for j, p in enumerate(group):
-            input_ids[j, :C] = torch.tensor(p[:C], dtype=torch.long)
-            input_ids[j, Pg - len(p) + C :] = torch.tensor(p[C:], dtype=torch.long)
-            valid[j, :C] = True
-            valid[j, Pg - len(p) + C :] = True
-        input_ids, valid = input_ids.to(device), valid.to(device)
-        # Positions count real tokens only (as transformers); padding slots get 0 and are never attended to.
-        position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        group_caches = model.new_kv_caches(k, Pg)
-        for cache, prefix in zip(group_caches, prefix_caches or ()):
-            cache.k[:, :, :C] = prefix.k
-            cache.v[:, :, :C] = prefix.v
-        # Mask of the queries at slots C..Pg-1 over the Pg slots they read: causal and padding-free. A padding query
-        # sees only itself, so its row is never all-masked (an all-masked softmax is NaN, and NaN values in the cache
-        # would poison real rows through 0 * NaN). Without padding or a shared prefix, plain causal attention (no
-        # mask) lets SDPA use its fastest kernel.
-        attn_kwargs = {}
-        if C or not bool(valid.all()):
-            q_idx, k_idx = torch.arange(C, Pg, device=device), torch.arange(Pg, device=device)
-            causal = k_idx[None, :] <= q_idx[:, None]
-            itself = k_idx[None, :] == q_idx[:, None]
-            attn_kwargs = {"attn_mask": ((causal[None] & valid[:, None, :]) | itself[None])[:, None]}
-        logits = model(input_ids[:, C:], position_ids=position_ids[:, C:], attn_kwargs=attn_kwargs,
-                       kv_caches=group_caches, cache_positions=range(C, Pg), last_logits_only=True)[:, -1].float()
-        at = torch.tensor(rows, device=device)
-        for cache, new in zip(caches, group_caches):
-            cache.k[at, :, :Pg] = new.k
-            cache.v[at, :, :Pg] = new.v
-        key_valid[at] = False
-        key_valid[at, :Pg] = valid
-        slot[at] = Pg
-        positions[at] = valid.sum(-1)
-        return logits
+    waiting = deque(range(n))  # prompts not prefilled yet, in order
+    ready = deque()  # prefilled prompts waiting for a row: (prompt index, fp32 logits [V], its pass's caches, span)
+
+    def prefill(min_prompts: int) -> None:
+        """Prefill the next waiting prompts, at least min_prompts and more while the pass stays within
+        prefill_tokens, as one packed sequence: each prompt's own tokens (after the shared prefix) attend causally
+        to themselves and to the prefix's cache (lynx.attention's cached prefix), so no padding is computed and the
+        linear layers see long inputs, not a few prompts'. Their keys and values wait in the pass's caches until
+        `place` copies them to a row."""
+        group, tokens = [], 0
+        while waiting and (len(group) < min_prompts or tokens + len(prompts[waiting[0]]) - C <= prefill_tokens):
+            group.append(waiting.popleft())
+            tokens += len(prompts[group[-1]]) - C
+        own = [prompts[i][C:] for i in group]
+        bounds = [0, *itertools.accumulate(map(len, own))]
+        input_ids = torch.tensor([[t for o in own for t in o]], device=device)
+        position_ids = torch.tensor([[C + i for o in own for i in range(len(o))]], device=device)
+        cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
+        packed_caches = model.new_kv_caches(1, bounds[-1])
+        logits = model(input_ids, position_ids=position_ids, attn_kwargs={"cu_seqlens": cu_seqlens},
+                       kv_caches=prefix_caches, packed_kv_out=packed_caches,
+                       logit_positions=cu_seqlens[1:].long() - 1)[0].float()
+        ready.extend((i, logits[j], packed_caches, bounds[j], bounds[j + 1]) for j, i in enumerate(group))
+
+    def place(b: int, prompt_index: int, packed_caches: list, start: int, end: int) -> None:
+        """Row b's cache takes a prefilled prompt after the shared prefix (replacing what it held)."""
+        for cache, packed in zip(caches, packed_caches):
+            cache.k[b, :, C : C + end - start] = packed.k[0, :, start:end]
+            cache.v[b, :, C : C + end - start] = packed.v[0, :, start:end]
+        length = C + end - start
+        key_valid[b] = False
+        key_valid[b, :length] = True
+        slot[b] = positions[b] = length
+        row_prompt[b] = prompt_index
 
     generator = None
     if temperature > 0:
@@ -262,16 +268,19 @@ def run_generation(
             progress(len(finished))
         return finished
 
-    waiting, free = deque(range(n)), list(range(B))  # prompts not started yet, in order; idle rows
+    free = list(range(B))  # idle rows
     while True:
-        while free and waiting:  # fill idle rows; a prompt can finish at its first token, so loop
-            rows = free[: len(waiting)]
+        while free and (ready or waiting):  # fill idle rows; a prompt can finish at its first token, so loop
+            if not ready:
+                prefill(len(free))
+            rows = free[: len(ready)]
             del free[: len(rows)]
-            group = []
+            first_logits = []
             for b in rows:
-                row_prompt[b] = waiting.popleft()
-                group.append(prompts[row_prompt[b]])
-            free += take(rows, admit(rows, group))
+                prompt_index, logits, *span = ready.popleft()
+                place(b, prompt_index, *span)
+                first_logits.append(logits)
+            free += take(rows, torch.stack(first_logits))
         if len(free) == B:
             break
         # One decode step for every row at its own slot; idle rows (no prompt left to take) write at their last slot,

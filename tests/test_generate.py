@@ -138,6 +138,35 @@ def test_continuous_batching_refills_rows_and_changes_nothing(models, monkeypatc
     assert sum(decode_steps) < static_steps if batch_size > 1 else sum(decode_steps) == static_steps
 
 
+@pytest.mark.parametrize("prefix", [[], SHARED])
+@pytest.mark.parametrize("prefill_tokens", [1, 12, 10_000])
+def test_prompts_are_prefilled_ahead_in_packed_passes_and_change_nothing(models, monkeypatch, prefix, prefill_tokens):
+    """Prefill passes pack the next waiting prompts: at least as many as rows are free, more while the pass stays
+    within prefill_tokens; the output is what every prompt at once gives."""
+    ours, _ = models
+    prompts = [prefix + p for p in PROMPTS + [[3, 3, 9, 12, 80], [44, 45]]]
+    expected = run_generation(ours, prompts, max_new_tokens=6, watch_ids=[3, 70], share_prefix=False)
+    passes = []  # prompts and tokens per prefill pass
+
+    def counting_forward(input_ids, *a, _f=ours.forward, **k):
+        if k.get("packed_kv_out") is not None:
+            passes.append((len(k["attn_kwargs"]["cu_seqlens"]) - 1, input_ids.shape[1]))
+        return _f(input_ids, *a, **k)
+
+    monkeypatch.setattr(ours, "forward", counting_forward)
+    res = run_generation(ours, prompts, max_new_tokens=6, watch_ids=[3, 70], batch_size=2,
+                         prefill_tokens=prefill_tokens)
+    assert res.tokens == expected.tokens
+    for a, b in zip(res.watched_logits, expected.watched_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert sum(n for n, _ in passes) == len(prompts)
+    if prefill_tokens == 10_000:
+        assert passes == [(len(prompts), sum(map(len, PROMPTS)) + 7)]  # all at once, the shared prefix excluded
+    else:
+        assert passes[0][0] == 2 and all(n <= 2 or tokens <= prefill_tokens for n, tokens in passes)
+        assert len(passes) < len(prompts) if prefill_tokens == 12 else all(n <= 2 for n, _ in passes)
+
+
 def test_sampling_with_continuous_batching_is_seeded(models):
     ours, _ = models
     kwargs = dict(max_new_tokens=8, temperature=1.0, top_p=0.9, batch_size=2)

@@ -213,3 +213,25 @@ def test_logit_positions_of_packed_rows_equal_the_whole_pass_there(model, prefix
         some = model(input_ids, position_ids=position_ids, logit_positions=positions, **kwargs)
     torch.testing.assert_close(some, whole, rtol=1e-5, atol=1e-5)
 
+
+def test_packed_kv_out_holds_each_documents_keys_and_values_as_alone(model):
+    """packed_kv_out (generation's packed prefill): every layer's keys and values of each packed document are those
+    the document writes into a cache when it runs alone after the prefix."""
+    prefix, exs = examples(n=4, seed=3)
+    docs = [ex.input_ids[P:] for ex in exs]
+    bounds = torch.tensor([0] + [len(d) for d in docs]).cumsum(0)
+    caches = model.new_kv_caches(1, P)
+    out = model.new_kv_caches(1, int(bounds[-1]))
+    with torch.no_grad():
+        model(torch.tensor([prefix]), kv_caches=caches)
+        model(torch.tensor([[t for d in docs for t in d]]), kv_caches=caches, packed_kv_out=out,
+              position_ids=torch.tensor([[P + i for d in docs for i in range(len(d))]]),
+              attn_kwargs={"cu_seqlens": bounds.to(torch.int32)})
+        for d, s, e in zip(docs, bounds[:-1], bounds[1:]):
+            alone = model.new_kv_caches(1, P + len(d))
+            model(torch.tensor([prefix + d]), kv_caches=alone)
+            for a, o in zip(alone, out):
+                torch.testing.assert_close(o.k[:, :, s:e], a.k[:, :, P:], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(o.v[:, :, s:e], a.v[:, :, P:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="packed_kv_out applies to packed sequences"):
+        model(torch.tensor([prefix]), packed_kv_out=out)
