@@ -10,9 +10,11 @@ Judge.fast_prefix_ids tokenizes it). The transformers side gets exactly these id
 Sides:
   lynx          Judge(model, dtype=bfloat16, max_new_tokens=--max-new-tokens, batch_size=--batch-size,
                 pack_tokens=--pack-tokens).judge_batch(examples, fast=...) as judge.py runs it: its bf16 linear
-                weights prepacked for oneDNN; fast mode packs prompts --pack-tokens to a forward pass with their
-                common prefix computed once per pass; full mode is lynx.generate.run_generation, greedy, --batch-size rows
-                with continuous batching (a finished row takes the next prompt), longest prompt first.
+                weights prepacked for oneDNN and its RMSNorms compiled (lynx.generate.compile_rms_norms, built when
+                the Judge is made, before any timed call); fast mode packs prompts --pack-tokens to a forward pass
+                behind their common prefix, computed once; full mode is lynx.generate.run_generation, greedy,
+                --batch-size rows with continuous batching (a finished row takes the next prompt, prefilled ahead in
+                packed passes), longest prompt first.
   hf-sdpa       transformers LlamaForCausalLM in bf16 (attn_implementation="sdpa"), the prompts sorted by length
   hf-eager      (longest first, as the judge sorts them) in batches of --batch-size, left-padded (attention_mask,
                 position_ids counting real tokens); fast mode: one forward pass per batch reading the last position's

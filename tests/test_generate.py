@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lynx.generate import PrepackedLinear, PrepackedMLP, can_prepack, generate, prepack_linear_weights, run_generation
+from lynx import generate as generate_module
+from lynx.generate import (CompiledRMSNorm, PrepackedLinear, PrepackedMLP, can_prepack, compile_rms_norms, generate,
+                           prepack_linear_weights, run_generation)
 from lynx.model import Llama
 from tests.conftest import make_tiny_checkpoint, make_tiny_hf_model
 
@@ -238,6 +240,45 @@ def test_fused_mlp_is_nearer_fp32_than_the_plain_bf16_model(tmp_path):
     assert mlp_err_fused < mlp_err_plain
     assert (b - a).norm() < 0.02 * ref.norm()  # bf16 noise, not another function
     assert (b - ref).norm() <= 1.05 * (a - ref).norm()
+
+
+def test_compiled_rms_norms_are_the_eager_norms_within_bf16_rounding(tmp_path):
+    """compile_rms_norms fuses every norm of a bf16 CPU model into one compiled loop: outputs within bf16 noise of the
+    eager norms' and as near fp32's; fp32 models are left eager."""
+    path = make_tiny_checkpoint(tmp_path / "tiny", seed=7)
+    exact = Llama.from_pretrained(path, dtype=torch.float32).eval()
+    plain = Llama.from_pretrained(path, dtype=torch.bfloat16).eval()
+    compiled = Llama.from_pretrained(path, dtype=torch.bfloat16).eval()
+    assert not compile_rms_norms(exact)
+    if not compile_rms_norms(compiled):  # no native bf16 here: nothing replaced
+        assert not can_prepack(compiled) and not any(isinstance(m, CompiledRMSNorm) for m in compiled.modules())
+        return
+    assert sum(isinstance(m, CompiledRMSNorm) for m in compiled.modules()) == 2 * len(compiled.layers) + 1
+    ids = torch.randint(3, 300, (4, 40), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 17, exact.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 4
+    with torch.no_grad():
+        norm_exact = exact.layers[0].input_layernorm(x)
+        norm_plain = plain.layers[0].input_layernorm(x.bfloat16()).float()
+        norm_compiled = compiled.layers[0].input_layernorm(x.bfloat16()).float()
+        ref, a, b = exact(ids), plain(ids).float(), compiled(ids).float()
+    torch.testing.assert_close(norm_compiled, norm_plain, rtol=2 ** -7, atol=1e-6)  # one bf16 rounding apart at most
+    assert (norm_compiled - norm_exact).norm() <= 1.05 * (norm_plain - norm_exact).norm()
+    assert (b - a).norm() < 1.5 * (a - ref).norm()  # bf16 noise (~3% of the logits here), not another function
+    assert (b - ref).norm() <= 1.05 * (a - ref).norm()
+
+
+def test_a_failing_compile_leaves_the_norms_eager_with_a_warning(models, monkeypatch):
+    ours, _ = models
+    monkeypatch.setattr(generate_module, "can_prepack", lambda model: True)
+
+    def no_compiler(*args):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(generate_module, "compiled_rms_norm", lambda: no_compiler)
+    message = r"torch.compile failed \(RuntimeError: no C\+\+ compiler found\); the RMSNorms stay eager"
+    with pytest.warns(UserWarning, match=message):
+        assert not compile_rms_norms(ours)
+    assert not any(isinstance(m, CompiledRMSNorm) for m in ours.modules())
 
 
 def test_fp32_model_is_not_prepacked(models):
