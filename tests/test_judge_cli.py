@@ -177,3 +177,34 @@ def test_usage_errors(model_dir, tmp_path, cli):
     assert r.returncode == 2 and "not found" in r.stderr
     r = cli("--model", model_dir, "--input", tmp_path / "none.jsonl", "--output", tmp_path / "o.jsonl")
     assert r.returncode == 2 and "input file not found" in r.stderr
+
+
+FAULTS_OF_REUSE = """
+import resource, sys, torch
+from lynx.judge_cli import keep_freed_memory
+
+def faults_of_reuse():  # minor page faults of allocating, filling and freeing 4 MiB twice
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(2):
+        x = torch.ones(1 << 20)
+        del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+faults_of_reuse()
+before = faults_of_reuse()
+kept = keep_freed_memory()
+faults_of_reuse()
+print(kept, before, faults_of_reuse())
+"""
+
+
+def test_keep_freed_memory_stops_refaulting_reused_memory():
+    """judge.py keeps freed memory (glibc mallopt): a freed 4 MiB block is reused without page faults, where by
+    default glibc unmaps it and the next allocation faults all 1,024 pages in again. In a subprocess: the setting is
+    process-wide."""
+    out = subprocess.run([sys.executable, "-c", FAULTS_OF_REUSE], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.split()
+    kept, before, after = out[0] == "True", int(out[1]), int(out[2])
+    if not kept:
+        pytest.skip("not glibc: keep_freed_memory does nothing here")
+    assert before >= 1000 and after < 50, (before, after)
