@@ -179,7 +179,6 @@ def test_usage_errors(model_dir, tmp_path, cli):
     assert r.returncode == 2 and "input file not found" in r.stderr
 
 
-
 def test_keep_freed_memory_sets_glibcs_thresholds_and_reports_where_it_cannot(monkeypatch):
     """judge.py keeps freed memory: mallopt(M_MMAP_THRESHOLD, 32 MiB) and mallopt(M_TRIM_THRESHOLD, 1 GiB) (the
     effect on a judging pass, 87,900 page faults -> 0, is in docs/experiments.md); False where libc is not glibc
