@@ -5,8 +5,8 @@ Entries (all compute loss, dhidden and dweight of mean cross-entropy of hidden @
   chunked   torch.compile of a chunked loss: token chunks whose loss and gradients come from a compiled
             torch.func.grad_and_value, dweight summed in fp32 (the usual "chunked CE" recipe)
   cce       the cut-cross-entropy package's impl="torch_compile" (skipped with a note if not installed)
-  ours      kernels.fused_linear_cross_entropy (backend="auto": triton on CUDA, the torch twin on CPU), with the path
-            it picks by memory (3 matmuls where its buffers fit kernels.linear_cross_entropy.THREE_MATMUL_BYTES, as at
+  ours      lynx.kernels.fused_linear_cross_entropy (backend="auto": triton on CUDA, the torch twin on CPU), with the path
+            it picks by memory (3 matmuls where its buffers fit lynx.kernels.linear_cross_entropy.THREE_MATMUL_BYTES, as at
             SmolLM2's V=49152 x H=576; else 4)
   ours4     the same with the 4-matmul path forced (THREE_MATMUL_BYTES = 0): what `ours` was before the choice
             existed (not in the default list; --impl ... ours4 adds it)
@@ -35,7 +35,7 @@ Measured 2026-11-22 on the 2-core AVX-512-BF16 development VM, quiet, torch 2.13
     ours                            11.85 s   0.88        370 MB     0.123
 Memory target met (0.123x naive <= 0.2x; 0.29x cut-cross-entropy <= 0.6x). Time target NOT met: 1.25x
 cut-cross-entropy. Ours does 4 matmuls (logits recomputed in backward) where the others do 3, and already runs them
-at ~360 GFLOP/s; see kernels/linear_cross_entropy.py for why. (On the same machine under heavy load from other
+at ~360 GFLOP/s; see lynx/kernels/linear_cross_entropy.py for why. (On the same machine under heavy load from other
 jobs, --rounds 2: naive 40.3 s, chunked 44.9 s, cce 38.7 s, ours 66.8 s.)
 
 SmolLM2-135M's head (H=576, V=49152), where the kernel takes its 3-matmul path (its fp32 dW accumulator fits the
@@ -165,8 +165,8 @@ def make_entry(impl: str):
 
         return lambda h, w, y: linear_cross_entropy(h, w, y, impl="torch_compile")
     if impl in ("ours", "ours4"):
-        from kernels import fused_linear_cross_entropy
-        from kernels import linear_cross_entropy
+        from lynx.kernels import fused_linear_cross_entropy
+        from lynx.kernels import linear_cross_entropy
 
         if impl == "ours4":
             linear_cross_entropy.THREE_MATMUL_BYTES = 0  # the 3-matmul path never fits: the 4-matmul path runs
@@ -188,7 +188,7 @@ def run_case(impl: str, n: int, h: int, v: int, dtype_name: str, repeats: int, d
     memory = CudaPeakMemory() if device == "cuda" else CpuPeakMemory()
     path = None
     if impl in ("ours", "ours4"):
-        from kernels import linear_cross_entropy
+        from lynx.kernels import linear_cross_entropy
 
         n_valid = int((targets != -100).sum())
         chunk = linear_cross_entropy.three_matmul_chunk(n_valid, h, v, hidden.element_size(), need_dweight=True)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import fused_linear_cross_entropy
+from lynx.kernels import fused_linear_cross_entropy
 from lynx.attention import attention
 from lynx.config import LlamaConfig
 

@@ -175,7 +175,7 @@ def local_bytes(tensors) -> int:
 def estimate(cfg, nnodes: int, nproc_per_node: int, gpu: str = "h100-80gb", mfu: float = DEFAULT_MFU,
              train_sequences: int | None = None) -> Plan:
     """Trace two training steps of `cfg` on one rank of nnodes x nproc_per_node GPUs (see the module docstring)."""
-    import kernels.linear_cross_entropy as fused_loss
+    import lynx.kernels.linear_cross_entropy as fused_loss
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.testing._internal.distributed.fake_pg import FakeStore

@@ -11,6 +11,23 @@ REPO = Path(__file__).resolve().parents[1]
 LLAMA3_TOKENIZER_DIR = REPO / "lynx" / "assets" / "llama3"
 
 
+REFERENCE_PACKAGES = ("torch", "transformers", "accelerate", "gguf", "tokenizers", "tiktoken", "kernels", "xllamacpp")
+
+
+def pytest_report_header(config):
+    """The versions the references run at: CI installs their newest releases, so a failure that a new release brings
+    shows which one at the top of the log."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return "references: " + ", ".join(f"{name} {installed(name)}" for name in REFERENCE_PACKAGES)
+
+
 def make_tiny_hf_model(seed: int = 0, dtype=torch.float32, **overrides):
     """A random tiny transformers.LlamaForCausalLM. Norm gains sit near 1 and weights are not tiny, so attention is
     far from uniform and a wrong rotary embedding or mask shows up in the logits."""

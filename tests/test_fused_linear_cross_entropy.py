@@ -1,4 +1,4 @@
-"""kernels.fused_linear_cross_entropy against the fp32 reference F.cross_entropy(F.linear(h, w).float(), y).
+"""lynx.kernels.fused_linear_cross_entropy against the fp32 reference F.cross_entropy(F.linear(h, w).float(), y).
 
 The Triton backend runs in a subprocess with TRITON_INTERPRET=1 set before triton is imported (this file is the
 subprocess's script: see `python tests/test_fused_linear_cross_entropy.py --triton-interpret`).
@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import fused_linear_cross_entropy
-from kernels import linear_cross_entropy as flce_module
+from lynx.kernels import fused_linear_cross_entropy
+from lynx.kernels import linear_cross_entropy as flce_module
 
 
 def make_inputs(N, H, V, *, dtype=torch.float32, ignore_frac=0.2, logit_scale=1.0, seed=0):
@@ -357,7 +357,7 @@ def test_triton_on_cpu_without_interpreter_raises():
 
 def run_triton_interpreter_checks():
     """Run in a process started with TRITON_INTERPRET=1: the triton backend against the reference and the twin."""
-    from kernels import triton_cross_entropy as tce
+    from lynx.kernels import triton_cross_entropy as tce
 
     # Per-tile kernels against their torch twins, fp32 and bf16, with a target in / out of / ignored in the tile.
     g = torch.Generator().manual_seed(1)

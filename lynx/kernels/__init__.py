@@ -1,5 +1,5 @@
 """Triton kernels with their pure-torch twins. Imports only torch and triton."""
 
-from kernels.linear_cross_entropy import fused_linear_cross_entropy
+from lynx.kernels.linear_cross_entropy import fused_linear_cross_entropy
 
 __all__ = ["fused_linear_cross_entropy"]

@@ -1,4 +1,4 @@
-"""Triton kernels for the per-tile math of kernels/linear_cross_entropy.py.
+"""Triton kernels for the per-tile math of lynx/kernels/linear_cross_entropy.py.
 
 One program per token row walks the row's vocab columns in BLOCK-wide slices. Every value is loaded, upcast to
 fp32, computed in fp32 and cast back only on store: besides being what we want numerically, this keeps the kernels

@@ -47,7 +47,7 @@ same CPU but under load from other jobs (so ratios, not times; benchmarks/bench_
 Ignored tokens are dropped before any matmul.
 
 Backends: "torch" is the pure-torch twin (the CPU path and the test oracle). "triton" runs the per-tile softmax /
-log-sum-exp / gradient-of-logits math as Triton kernels (kernels/triton_cross_entropy.py) and leaves the matmuls
+log-sum-exp / gradient-of-logits math as Triton kernels (lynx/kernels/triton_cross_entropy.py) and leaves the matmuls
 to cuBLAS (or torch on CPU under TRITON_INTERPRET=1). "auto" is triton on CUDA when triton is importable, else torch.
 Both backends share this file's loop, so they run exactly the same math.
 """
@@ -169,7 +169,7 @@ def _compiled_tile_ops():
 def _tile_ops(backend: str, device: torch.device, n_logits: int):
     """(update_lse, grad_logits) for a backend."""
     if backend == "triton":
-        from kernels import triton_cross_entropy
+        from lynx.kernels import triton_cross_entropy
 
         return triton_cross_entropy.update_lse, triton_cross_entropy.grad_logits
     if device.type == "cpu" and n_logits >= COMPILE_MIN_LOGITS:
@@ -367,7 +367,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"fused_linear_cross_entropy: unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "torch":
         return backend
-    from kernels.triton_cross_entropy import triton_available
+    from lynx.kernels.triton_cross_entropy import triton_available
 
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
