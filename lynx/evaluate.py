@@ -168,6 +168,7 @@ def compute_metrics(rows: list[dict], *, n_bootstrap: int = 1000, seed: int = 0)
     report = {
         "n_judged": len(rows),
         "n_skipped": len(skipped),
+        "n_selected": sum(1 for r in rows if r.get("selected")),
         "n_truncated": sum(1 for r in rows if r.get("truncated")),
         "n_unparsed": int(np.sum(preds == None)),  # noqa: E711
         "label_counts": {lab: int(np.sum(labels == lab)) for lab in LABELS},
@@ -183,10 +184,37 @@ def compute_metrics(rows: list[dict], *, n_bootstrap: int = 1000, seed: int = 0)
         "auroc": {"value": point["auroc"], "ci95": ci.get("auroc"), "n": int(has_p.sum())},
         "bootstrap": {"resamples": n_bootstrap, "seed": seed, "scheme": "rows resampled within each source"},
     }
+    if all(whole_prompt_tokens(r) is not None for r in rows):
+        report["per_length"] = per_length(rows, labels, preds, p_pass)
     if any("score_fast" in r for r in rows):
         report["fast_mode"] = fast_mode_agreement(rows, labels)
     report["published_comparison"] = published_comparison(report)
     return report
+
+
+LENGTH_BUCKETS = ((0, 512, "<512"), (512, 2048, "512-2k"), (2048, float("inf"), ">2k"))
+
+
+def whole_prompt_tokens(row: dict) -> int | None:
+    """Tokens of the row's prompt with the whole document, however much of it the judge read (judge.py records
+    prompt_tokens, context_tokens and document_tokens); None when the row lacks them."""
+    if any(row.get(k) is None for k in ("prompt_tokens", "context_tokens", "document_tokens")):
+        return None
+    return row["prompt_tokens"] - row["context_tokens"] + row["document_tokens"]
+
+
+def per_length(rows: list[dict], labels, preds, p_pass) -> dict:
+    """Accuracy and AUROC by the whole-document prompt length (LENGTH_BUCKETS), as users' documents come."""
+    lengths = np.array([whole_prompt_tokens(r) for r in rows])
+    out = {}
+    for lo, hi, name in LENGTH_BUCKETS:
+        m = (lengths >= lo) & (lengths < hi)
+        if not m.any():
+            continue
+        mp = m & ~np.isnan(p_pass)
+        out[name] = {"n": int(m.sum()), "accuracy": float(np.mean(preds[m] == labels[m])),
+                     "auroc": auroc(labels[mp] == "PASS", p_pass[mp]) if mp.any() else None}
+    return out
 
 
 def fast_mode_agreement(rows: list[dict], labels: np.ndarray) -> dict:
@@ -243,7 +271,8 @@ def render_markdown(report: dict, run: dict | None = None) -> str:
     lines += [
         f"Judged {report['n_judged']} rows ({report['label_counts']['PASS']} PASS, "
         f"{report['label_counts']['FAIL']} FAIL); skipped (too long) {report['n_skipped']}; "
-        f"document truncated {report['n_truncated']}; unparsed verdicts {report['n_unparsed']} (counted as wrong).",
+        f"evidence selected from the document {report.get('n_selected', 0)}; document truncated "
+        f"{report['n_truncated']}; unparsed verdicts {report['n_unparsed']} (counted as wrong).",
         "",
         "## Overall (95% bootstrap intervals)",
         "",
@@ -265,6 +294,11 @@ def render_markdown(report: dict, run: dict | None = None) -> str:
     for s, info in report["per_source"].items():
         lines.append(f"| {s} | {info['n']} | {_pct(info['accuracy'])}{_ci(info['accuracy_ci95'])} | "
                      f"{_num(info['auroc'])} | {info['unparsed']} |")
+    if report.get("per_length"):
+        lines += ["", "## By prompt length (tokens, with the whole document)", "", "| length | n | accuracy | AUROC |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {b['n']} | {_pct(b['accuracy'])} | {_num(b['auroc'])} |"
+                  for name, b in report["per_length"].items()]
     c = report["confusion"]
     lines += ["", "## Confusion matrix (rows: label, columns: prediction)", "",
               "| | " + " | ".join(c["columns_are_predictions"]) + " |", "|---|---|---|---|"]

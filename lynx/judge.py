@@ -6,7 +6,8 @@ Two modes:
 - full (default, as published): greedy generation of `{"REASONING": [...], "SCORE": "..."}` (max_new_tokens 600),
   parsed by `parse_output`. `p_pass` is read from the logits at the step where the score word is generated.
 - fast: no reasoning. The completion is forced to start with `{"REASONING": [], "SCORE": "` and `p_pass` is read
-  from the logits right after it; the score is PASS when p_pass >= 0.5. Prompts are packed several to a forward
+  from the logits right after it; the score is PASS when p_pass >= the threshold (0.5, or the one the checkpoint's
+  lynx.json fitted on validation). Prompts are packed several to a forward
   pass, their common prefix (the chat template's system turn and the judge instruction) computed once per pass
   (lynx.attention's shared-prefix packing; the same logits as one prompt at a time).
 
@@ -27,6 +28,7 @@ import torch
 
 from lynx.checkpoint import checkpoint_dtype
 from lynx.config import LlamaConfig, bf16_is_native
+from lynx.context import Selection, select_evidence, token_counter
 from lynx.generate import compile_rms_norms, prepack_linear_weights, run_generation
 from lynx.model import Llama
 from lynx.prompt import judge_messages, truncate_document
@@ -226,6 +228,9 @@ class Verdict:
     prompt_tokens: int = 0
     truncated: bool = False  # the middle of the document was cut to fit the context
     skipped: str | None = None  # why the example was not judged (too long under the "skip" policy)
+    context_tokens: int = 0  # tokens of the document the judge read (after selection)
+    document_tokens: int = 0  # tokens of the whole document
+    selected: list | None = None  # [start, end] character spans of the document kept; None: the whole document
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -287,15 +292,34 @@ def default_device() -> str:
 # 8% of judging went to page faults (1.4M per 96 rows; none with MALLOC_TRIM_THRESHOLD_ raised); at 2,048 there are
 # none and fast mode ran 7-10% faster, the prefix's extra copy (once per pack) included. Either keeps a GPU busy.
 FAST_PACK_TOKENS = 2048
+CARD_FILE = "lynx.json"  # what a trained judge says about itself (lynx.train.checkpoint.write_judge_card)
+
+
+def read_judge_card(model_dir: Path) -> dict:
+    """The checkpoint's lynx.json ({} when it has none, as published Lynx and base models do)."""
+    path = model_dir / CARD_FILE
+    if not (model_dir.is_dir() and path.is_file()):
+        return {}
+    try:
+        card = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return card
 
 
 class Judge:
     """Load a Lynx-compatible checkpoint and judge (question, context, answer) triples.
 
-    Inputs longer than the context: with `long_inputs="truncate"` (default) the middle of the document is replaced
-    by TRUNCATION_MARKER until the prompt fits `max_input_tokens` (default: the model's max_position_embeddings
-    minus max_new_tokens); with "skip", or when even an empty document does not fit, the example is not judged
-    (score None, `skipped` says why).
+    Documents go through lynx.context.select_evidence first: with `context_tokens` > 0 a longer document is cut to
+    its chunks most relevant to the question and answer, up to that many tokens (0: the whole document). The
+    default, and fast mode's p_pass threshold for PASS (default 0.5), come from the checkpoint's lynx.json when it
+    has one (`card`; `settings` says where each value came from).
+    Inputs still longer than the context: with `long_inputs="truncate"` (default) the middle of the document is
+    replaced by TRUNCATION_MARKER until the prompt fits `max_input_tokens` (default: the model's
+    max_position_embeddings minus max_new_tokens); with "skip", or when even an empty document does not fit, the
+    example is not judged (score None, `skipped` says why).
     """
 
     def __init__(
@@ -310,10 +334,22 @@ class Judge:
         long_inputs: str = "truncate",
         tokenizer: Tokenizer | None = None,
         pack_tokens: int = FAST_PACK_TOKENS,
+        context_tokens: int | None = None,
+        p_pass_threshold: float | None = None,
     ):
         if long_inputs not in LONG_INPUT_POLICIES:
             raise ValueError(f"long_inputs must be one of {LONG_INPUT_POLICIES}, got {long_inputs!r}")
         self.model_dir = resolve_model_dir(model_dir)
+        self.card = read_judge_card(self.model_dir)
+        self.settings = {}  # setting -> (value, where it came from)
+        for key, given, default in (("context_tokens", context_tokens, 0), ("p_pass_threshold", p_pass_threshold, 0.5)):
+            value, origin = ((given, "given") if given is not None else
+                             (self.card[key], CARD_FILE) if self.card.get(key) is not None else (default, "default"))
+            self.settings[key] = (value, origin)
+        self.context_tokens = int(self.settings["context_tokens"][0])
+        self.p_pass_threshold = float(self.settings["p_pass_threshold"][0])
+        if self.context_tokens < 0:
+            raise ValueError(f"context_tokens must be >= 0 (0: the whole document), got {self.context_tokens}")
         self.device = torch.device(device or default_device())
         if dtype is None:
             dtype = auto_dtype(self.model_dir, self.device)
@@ -346,8 +382,13 @@ class Judge:
     def _chat_ids(self, question: str, context: str, answer: str) -> list[int]:
         return self.tokenizer.apply_chat_template(judge_messages(question, context, answer), add_generation_prompt=True)
 
+    def select(self, question: str, context: str, answer: str) -> Selection:
+        """What of the document the judge reads (lynx.context.select_evidence at context_tokens)."""
+        return select_evidence(context, question, answer, self.context_tokens, token_counter(self.tokenizer))
+
     def prompt_ids(self, question: str, context: str, answer: str) -> tuple[list[int] | None, bool]:
-        """(prompt ids, truncated) under the long-input policy; ids None when the example cannot be judged."""
+        """(prompt ids, truncated) for the document as given (select first) under the long-input policy; ids None
+        when the example cannot be judged."""
         ids = self._chat_ids(question, context, answer)
         limit = self.max_input_tokens
         if len(ids) <= limit:
@@ -372,9 +413,11 @@ class Judge:
         running out of memory shows up at once). `progress(n)` is called as n examples finish."""
         batch_size = batch_size or self.batch_size
         verdicts: list[Verdict | None] = [None] * len(examples)
-        prompts = {}
+        prompts, selections = {}, []
         for i, (question, context, answer) in enumerate(examples):
-            ids, truncated = self.prompt_ids(question, context, answer)
+            selection = self.select(question, context, answer)
+            selections.append(selection)
+            ids, truncated = self.prompt_ids(question, selection.text, answer)
             if ids is None:
                 reason = f"prompt longer than max_input_tokens={self.max_input_tokens}"
                 verdicts[i] = Verdict(None, [], None, "", truncated=False, skipped=reason)
@@ -389,6 +432,9 @@ class Judge:
             verdict.prompt_tokens = len(prompts[i][0])
             verdict.truncated = prompts[i][1]
             verdicts[i] = verdict
+        for verdict, selection in zip(verdicts, selections):
+            verdict.context_tokens, verdict.document_tokens = selection.tokens, selection.document_tokens
+            verdict.selected = [list(span) for span in selection.kept] if selection.selected else None
         return verdicts
 
     def _judge_full(self, prompts: list[list[int]], batch_size: int, progress=None) -> list[Verdict]:
@@ -424,7 +470,7 @@ class Judge:
                 progress(len(seq.indices))
         verdicts = []
         for p in p_pass:
-            score = "PASS" if p >= 0.5 else "FAIL"
+            score = "PASS" if p >= self.p_pass_threshold else "FAIL"
             verdicts.append(Verdict(score, [], p, f'{FAST_PREFIX}{score}"}}'))
         return verdicts
 

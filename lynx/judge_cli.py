@@ -5,7 +5,8 @@ One example (prints the verdict as JSON):
 
 A JSONL file in the HaluBench schema (`passage` or `context`, `question`, `answer`, optional `label`, `source_ds`,
 `id`); output rows are the input rows plus `score`, `p_pass`, `reasoning`, `raw` (and `truncated`, `skipped`,
-`prompt_tokens`):
+`prompt_tokens`, and what of the document was read: `context_tokens`, `document_tokens`, `selected`, the kept
+character spans or null for the whole document):
   python judge.py --model DIR --input rows.jsonl --output judged.jsonl
 
 HaluBench-style evaluation (rows need `label`), written to --report-dir as report.json, report.md (+ report.png):
@@ -74,6 +75,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="weights dtype (auto: bfloat16 on GPU; on CPU the checkpoint's dtype, but float32 for a bf16 "
                           "checkpoint where the CPU has no native bf16)")
     gen.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available; under torchrun, the local rank's GPU)")
+    gen.add_argument("--context-tokens", type=int, default=None, metavar="N",
+                     help="read at most N tokens of each document: the chunks of whole sentences most relevant to "
+                          "the question and answer (TF-IDF), in document order, '[...]' where text was left out; 0: "
+                          "the whole document (cut to the context only). Default: the checkpoint's lynx.json, else 0")
+    gen.add_argument("--p-pass-threshold", type=float, default=None, metavar="T",
+                     help="fast mode: PASS when p_pass >= T (default: the threshold the checkpoint's lynx.json fitted "
+                          "on validation, else 0.5)")
     gen.add_argument("--long-inputs", choices=["truncate", "skip"], default="truncate",
                      help="prompts longer than --max-input-tokens: cut the middle of the document (with a marker) "
                           "or skip the row (counted, excluded from metrics)")
@@ -94,6 +102,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--input needs --output and/or --eval")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         p.error("--max-new-tokens and --batch-size must be >= 1")
+    if args.context_tokens is not None and args.context_tokens < 0:
+        p.error("--context-tokens must be >= 0 (0: the whole document)")
+    if args.p_pass_threshold is not None and not 0 <= args.p_pass_threshold <= 1:
+        p.error("--p-pass-threshold must be between 0 and 1")
     return args
 
 
@@ -170,7 +182,8 @@ def judge_rows(judge, rows, args, rank: int, world: int) -> list[tuple[int, dict
         row = dict(rows[i][1])
         v = results[passes[0]][k]
         row.update(score=v.score, p_pass=v.p_pass, reasoning=v.reasoning, raw=v.raw, truncated=v.truncated,
-                   skipped=v.skipped, prompt_tokens=v.prompt_tokens)
+                   skipped=v.skipped, prompt_tokens=v.prompt_tokens, context_tokens=v.context_tokens,
+                   document_tokens=v.document_tokens, selected=v.selected)
         if compare_fast:
             f = results["fast", True][k]
             row.update(score_fast=f.score, p_pass_fast=f.p_pass)
@@ -237,10 +250,15 @@ def run(args, rank: int, world: int, device) -> int:
         max_new_tokens = 1 if args.fast else args.max_new_tokens
         judge = Judge(args.model, dtype=DTYPES[args.dtype], device=device, max_new_tokens=max_new_tokens,
                       batch_size=args.batch_size, max_input_tokens=args.max_input_tokens,
-                      long_inputs=args.long_inputs)
+                      long_inputs=args.long_inputs, context_tokens=args.context_tokens,
+                      p_pass_threshold=args.p_pass_threshold)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if rank == 0:
+        used = [f"{key} {value} ({origin})" for key, (value, origin) in judge.settings.items()
+                if key != "p_pass_threshold" or args.fast]
+        print(f"judge: {', '.join(used)}", file=sys.stderr)
 
     if args.input is None:
         verdict = judge.judge(args.question, args.context, args.answer, fast=args.fast)
@@ -264,6 +282,7 @@ def run(args, rank: int, world: int, device) -> int:
     n_unparsed = sum(1 for r in judged if r["score"] is None and not r["skipped"])
     print(f"judged {len(judged) - n_skipped} rows in {elapsed:.1f}s ({len(judged) / elapsed:.2f} ex/s, "
           f"{world} process(es)); bad rows skipped: {len(bad)}; too long, skipped: {n_skipped}; "
+          f"evidence selected: {sum(1 for r in judged if r['selected'])}; "
           f"truncated: {sum(1 for r in judged if r['truncated'])}; unparsed: {n_unparsed}"
           + (f"; wrote {args.output}" if args.output else ""), file=sys.stderr)
 
@@ -276,6 +295,8 @@ def run(args, rank: int, world: int, device) -> int:
                "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                "dtype": str(judge.model.embed_tokens.weight.dtype).removeprefix("torch."),
                "device": str(judge.device), "processes": world, "long_inputs": args.long_inputs,
+               "context_tokens": judge.context_tokens,
+               **({"p_pass_threshold": judge.p_pass_threshold} if args.fast else {}),
                "max_input_tokens": judge.max_input_tokens, "rows_read": len(rows) + len(bad),
                "bad_rows_skipped": len(bad), "seconds": round(elapsed, 2),
                "examples_per_s": round(len(judged) / elapsed, 3)}

@@ -3,14 +3,15 @@ AUROC, every `eval.every_steps` optimizer steps, written into metrics.jsonl.
 
 Two kinds of rows, told apart by their keys:
 - chat rows (`messages`, or `prompt` + `response`): `eval_loss`, the mean next-token loss on the assistant turns;
-- HaluBench-schema rows (`passage`, `question`, `answer`, `label`): the judge prompt plus the forced fast-mode
+- HaluBench-schema rows (`passage`, `question`, `answer`, `label`): the judge prompt (the document through the
+  evidence selection the exported judge will use, `judge.context_tokens`) plus the forced fast-mode
   prefix `{"REASONING": [], "SCORE": "`, one forward pass each; `eval_accuracy` (p_pass >= 0.5), `eval_auroc`, and
-  `eval_loss`, the cross-entropy of the label under p_pass (what the verdict-only fine-tuning minimises at the score
-  token, renormalised over PASS and FAIL).
+  `eval_loss`, the loss of the verdict token itself: the cross-entropy of the label under p_pass (what the
+  verdict-only fine-tuning minimises at the score token, renormalised over PASS and FAIL).
 
 Rows are split across ranks; every rank runs the same number of forward passes (FSDP2's collectives pair them up),
 padding its share with a repeat of its last row whose result is dropped. One example per forward pass (no padding,
-plain causal attention) for chat rows; judge rows are packed 4096 tokens to a pass with their common prefix shared,
+plain causal attention) for chat rows; judge rows are packed 2,048 tokens to a pass with their common prefix shared,
 as the judge's fast mode does (lynx.judge.packed_p_pass).
 """
 
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from lynx import sft_data
+from lynx.context import select_evidence, token_counter
 from lynx.evaluate import auroc, normalize_label
 from lynx.prompt import judge_messages, truncate_document
 
@@ -61,17 +63,23 @@ def load_eval_rows(path: str, max_rows: int | None) -> tuple[str, list[dict]]:
 class Evaluator:
     """Prepared once (tokenized on every rank: the same rows, the same ids), run at every eval step."""
 
-    def __init__(self, path: str, tokenizer, *, max_seq_len: int, max_rows: int | None, rank: int, world: int):
+    def __init__(self, path: str, tokenizer, *, max_seq_len: int, max_rows: int | None, rank: int, world: int,
+                 context_tokens: int = 0):
         from lynx.judge import fast_score_tokens
 
         self.kind, rows = load_eval_rows(path, max_rows)
         self.rank, self.world = rank, world
         self.examples = []  # (input_ids, labels or None, label "PASS"/"FAIL" or None)
+        self.last_judged = None  # judge rows: (is_pass, p_pass) of the latest run, for the p_pass threshold
         if self.kind == "judge":
             prefix, (self.pass_ids, self.fail_ids) = fast_score_tokens(tokenizer)
             room = max_seq_len - len(prefix)
+            count_tokens = token_counter(tokenizer)
             for row in rows:
-                messages = judge_messages(row["question"], row["passage"], row["answer"])
+                # What the exported judge will read of the document (judge.context_tokens).
+                document = select_evidence(row["passage"], row["question"], row["answer"], context_tokens,
+                                           count_tokens).text
+                messages = judge_messages(row["question"], document, row["answer"])
                 ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
                 if len(ids) > room:
                     header = len(ids) - len(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
@@ -123,6 +131,7 @@ class Evaluator:
             return {"eval_loss": loss_sum / max(tokens, 1), "eval_rows": len(results)}
         is_pass = np.array([self.examples[r[0]][2] == "PASS" for r in results])
         p_pass = np.array([r[3] for r in results])
+        self.last_judged = (is_pass, p_pass)
         eps = 1e-12
         nll = -np.where(is_pass, np.log(p_pass + eps), np.log(1 - p_pass + eps))
         return {"eval_loss": float(nll.mean()), "eval_accuracy": float(((p_pass >= 0.5) == is_pass).mean()),

@@ -171,6 +171,37 @@ def test_eval_needs_labels_and_too_long_rows_are_skipped_not_fatal(model_dir, tm
     assert r.returncode == 0 and rows[0]["truncated"] and rows[0]["score"] in ("PASS", "FAIL")
 
 
+def test_context_tokens_selects_evidence_records_it_and_reports_by_length(model_dir, tmp_path, cli):
+    from lynx.evaluate import whole_prompt_tokens
+    from lynx.judge import fast_score_tokens
+    from lynx.prompt import judge_messages
+    from lynx.tokenizer import Tokenizer
+    from tests.test_context import ANSWER, DOCUMENT, QUESTION
+
+    rows = [{"id": "long", "passage": DOCUMENT, "question": QUESTION, "answer": ANSWER, "label": "PASS",
+             "source_ds": "x"}, {**GOOD_ROWS[1], "source_ds": "x"}]
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = cli("--model", model_dir, "--input", rows_file, "--output", tmp_path / "o.jsonl", "--eval", "--fast",
+            "--context-tokens", 64, "--bootstrap", 10)
+    assert r.returncode == 0, r.stderr
+    assert "judge: context_tokens 64 (given), p_pass_threshold 0.5 (default)" in r.stderr
+    assert "evidence selected: 1;" in r.stderr
+    long, short = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert long["selected"] and long["context_tokens"] <= 64 < long["document_tokens"]
+    assert short["selected"] is None and short["context_tokens"] == short["document_tokens"]
+    report = json.loads((tmp_path / "o_report" / "report.json").read_text())
+    assert report["n_selected"] == 1 and report["run"]["context_tokens"] == 64
+    # Buckets by the prompt with the whole document (fast mode: with the forced prefix), however much was read.
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    whole = tokenizer.apply_chat_template(judge_messages(QUESTION, DOCUMENT, ANSWER), add_generation_prompt=True)
+    assert whole_prompt_tokens(long) == len(whole) + len(fast_score_tokens(tokenizer)[0]) > 2048
+    assert {k: v["n"] for k, v in report["per_length"].items()} == {"<512": 1, ">2k": 1}
+    assert "By prompt length" in (tmp_path / "o_report" / "report.md").read_text()
+    assert cli("--model", model_dir, "--question", "q", "--context", "c", "--answer", "a",
+               "--context-tokens", -1).returncode == 2
+
+
 def test_usage_errors(model_dir, tmp_path, cli):
     assert cli("--model", model_dir, "--question", "q").returncode == 2
     r = cli("--model", tmp_path / "missing", "--question", "q", "--context", "c", "--answer", "a")

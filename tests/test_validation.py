@@ -91,3 +91,44 @@ def test_trainer_writes_eval_metrics(tmp_path):
     with_eval = [m["step"] for m in lines if "eval_accuracy" in m]
     assert with_eval == [2, 3]  # every 2 steps, and the last one
     assert all(0.0 <= m["eval_accuracy"] <= 1.0 and m["eval_rows"] == 6 for m in lines if "eval_accuracy" in m)
+
+
+def test_judge_rows_read_the_evidence_the_exported_judge_selects(tmp_path, one_rank_group):
+    from tests.test_context import ANSWER, DOCUMENT, QUESTION
+
+    model_dir = make_tiny_judge_dir(tmp_path / "tiny")
+    rows = [{"id": str(i), "question": QUESTION, "passage": DOCUMENT, "answer": a, "label": label, "source_ds": "x"}
+            for i, (a, label) in enumerate([(ANSWER, "PASS"), ("It opened in 1936.", "FAIL")])]
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evaluator = Evaluator(str(tmp_path / "val.jsonl"), Tokenizer.from_pretrained(model_dir), max_seq_len=4096,
+                          max_rows=None, rank=0, world=1, context_tokens=48)
+    evaluator.run(Llama.from_pretrained(model_dir), torch.device("cpu"))
+    judge = Judge(model_dir, device="cpu", max_new_tokens=8, context_tokens=48)
+    verdicts = judge.judge_batch([(r["question"], r["passage"], r["answer"]) for r in rows], fast=True)
+    assert all(v.selected for v in verdicts)
+    assert [len(ids) for ids, _, _ in evaluator.examples] == [v.prompt_tokens for v in verdicts]
+    assert evaluator.last_judged[1].tolist() == pytest.approx([v.p_pass for v in verdicts], rel=1e-4)
+
+
+def test_the_exported_judge_carries_its_context_budget_and_fitted_threshold(tmp_path):
+    model_dir = make_tiny_judge_dir(tmp_path / "tiny")
+    halubench_rows(tmp_path / "val.jsonl", n=8)
+    train_rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                  for q, _, a in EXAMPLES * 4]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(run_dir, **{
+        "model.init_from": str(model_dir), "data.train": str(tmp_path / "train.jsonl"), "data.max_seq_len": 512,
+        "global_batch_size": 1, "max_steps": 2, "eval.data": str(tmp_path / "val.jsonl"), "judge.context_tokens": 256}))
+    train(cfg)
+    card = json.loads((run_dir / "final" / "lynx.json").read_text())
+    assert card["context_tokens"] == 256 and card["prompt_format"] == "lynx"
+    assert card["training"]["steps"] == 2 and card["training"]["rows"] == len(train_rows)
+    (last,) = [m for m in metrics(run_dir) if "eval_accuracy" in m]
+    fit = card["p_pass_threshold_fit"]
+    assert fit["rows"] == 8 and fit["accuracy_at_0.5"] == pytest.approx(last["eval_accuracy"])
+    assert fit["accuracy_at_threshold"] >= fit["accuracy_at_0.5"]
+    # The threshold is the best one: judged again with it, the exported judge scores as the fit says.
+    judge = Judge(run_dir / "final", device="cpu", max_new_tokens=8)
+    assert judge.settings["context_tokens"] == (256, "lynx.json")
+    assert judge.p_pass_threshold == card["p_pass_threshold"]

@@ -98,3 +98,13 @@ def export_hf(model, tokenizer, path: Path, dtype: torch.dtype, max_shard_size: 
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
     dist.barrier()
+
+
+def write_judge_card(path: Path, card: dict) -> None:
+    """<export>/lynx.json: what judge.py needs to judge as the model was trained and validated (context budget,
+    p_pass threshold) and a summary of its training. Written whole under a temporary name, then renamed."""
+    from lynx.judge import CARD_FILE
+
+    tmp = path / (CARD_FILE + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    tmp.replace(path / CARD_FILE)

@@ -84,6 +84,13 @@ class EvalConfig:
 
 
 @dataclass
+class JudgeConfig:
+    # What the exported judge reads of a document: the evidence chunks (lynx.context) up to this many tokens, 0 the
+    # whole document. Validation on judge rows applies it, and <run_dir>/final/lynx.json records it for judge.py.
+    context_tokens: int = 0
+
+
+@dataclass
 class LogConfig:
     wandb_project: str | None = None  # log to Weights & Biases (must be installed) when set
     wandb_run_name: str | None = None
@@ -105,6 +112,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -247,6 +255,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("data.micro_batch_size must be >= 1 and data.max_seq_len >= 2")
     if cfg.eval.every_steps < 0 or (cfg.eval.max_rows is not None and cfg.eval.max_rows < 1):
         raise ConfigError("eval.every_steps must be >= 0 and eval.max_rows >= 1 (or null)")
+    if cfg.judge.context_tokens < 0:
+        raise ConfigError("judge.context_tokens must be >= 0 (0: the whole document)")
     if cfg.eval.every_steps and cfg.eval.data is None:
         raise ConfigError("eval.every_steps is set but eval.data is not")
     if cfg.checkpoint.keep_last < 1:

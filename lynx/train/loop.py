@@ -31,7 +31,7 @@ from lynx.distributed import all_reduce_sum, init_distributed
 from lynx.optim import build_optimizer, set_lr
 from lynx.runs import RunState, complete_checkpoints
 from lynx.train.build import build_model, load_tokenizer, tokenize_data
-from lynx.train.checkpoint import export_hf, load_checkpoint, save_checkpoint
+from lynx.train.checkpoint import export_hf, load_checkpoint, save_checkpoint, write_judge_card
 from lynx.train.config import TrainConfig, config_help, config_yaml, load_config
 from lynx.train.metrics import MetricsLog, gpu_peak_flops, peak_memory_gib, step_flops
 
@@ -164,7 +164,8 @@ def _train(cfg: TrainConfig, examples, device, sft_data, run_state: RunState) ->
         if tokenizer is None:
             raise ConfigError("eval.data needs a tokenizer (model.tokenizer or model.init_from)")
         evaluator = Evaluator(cfg.eval.data, tokenizer, max_seq_len=cfg.data.max_seq_len,
-                              max_rows=cfg.eval.max_rows, rank=rank, world=world)
+                              max_rows=cfg.eval.max_rows, rank=rank, world=world,
+                              context_tokens=cfg.judge.context_tokens)
         if rank == 0:
             print(f"eval: {cfg.eval.data}: {evaluator.rows} {evaluator.kind} rows, every "
                   f"{cfg.eval.every_steps or 'final'} step(s)", flush=True)
@@ -183,7 +184,7 @@ def _train(cfg: TrainConfig, examples, device, sft_data, run_state: RunState) ->
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
     last_saved = step if found[0] else -1
     clip = o.grad_clip if o.grad_clip > 0 else float("inf")
-    losses, total_tokens, total_time = [], 0, 0.0
+    losses, total_tokens, total_time, total_examples = [], 0, 0.0, 0
     model.train()
     while step < stop_at:
         t0 = time.perf_counter()
@@ -215,6 +216,7 @@ def _train(cfg: TrainConfig, examples, device, sft_data, run_state: RunState) ->
         if finite:
             losses.append(mean_loss)
         total_tokens += n_tokens
+        total_examples += n_examples
         total_time += dt
         bar.update(1)
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}", ex_s=f"{n_examples / dt:.2f}")
@@ -242,6 +244,8 @@ def _train(cfg: TrainConfig, examples, device, sft_data, run_state: RunState) ->
     if finished and cfg.checkpoint.export:
         dtype = parallel.dtype_from_name(cfg.checkpoint.export_dtype, "checkpoint.export_dtype")
         export_hf(model, tokenizer, run_dir / "final", dtype, cfg.checkpoint.max_shard_size)
+        if rank == 0:
+            write_judge_card(run_dir / "final", judge_card(cfg, evaluator, stats, step, total_examples))
     summary = {
         "steps": step, "total_steps": total_steps, "finished": finished, "skipped_steps": skipped,
         "final_loss": losses[-1] if losses else None, "tokens_per_s": total_tokens / total_time if total_time else None,
@@ -259,6 +263,28 @@ def _train(cfg: TrainConfig, examples, device, sft_data, run_state: RunState) ->
               flush=True)
     run_state.end(finished)
     return summary
+
+
+def judge_card(cfg: TrainConfig, evaluator, stats, steps: int, examples: int) -> dict:
+    """lynx.json for the exported judge (lynx.judge.read_judge_card): the evidence budget it was validated with, the
+    fast-mode p_pass threshold with the best accuracy on the final validation (judge rows only), and what it was
+    trained on. `examples` counts this launch's steps only when a run was resumed."""
+    from lynx.baselines import fit_p_pass_threshold
+
+    card = {"prompt_format": "lynx", "context_tokens": cfg.judge.context_tokens, "p_pass_threshold": None}
+    if evaluator is not None and evaluator.last_judged is not None:
+        is_pass, p_pass = evaluator.last_judged
+        judged = [{"label": "PASS" if y else "FAIL", "p_pass": float(p)} for y, p in zip(is_pass, p_pass)]
+        threshold = fit_p_pass_threshold(judged)
+        card["p_pass_threshold"] = threshold
+        card["p_pass_threshold_fit"] = {
+            "data": cfg.eval.data, "rows": len(judged),
+            "accuracy_at_threshold": float(((p_pass >= threshold) == is_pass).mean()),
+            "accuracy_at_0.5": float(((p_pass >= 0.5) == is_pass).mean())}
+    card["training"] = {"base": cfg.model.init_from, "data": cfg.data.train, "steps": steps, "examples": examples,
+                        "max_seq_len": cfg.data.max_seq_len,
+                        **({"rows": stats.rows, "rows_truncated": stats.truncated} if stats else {})}
+    return card
 
 
 def main(argv: list[str] | None = None) -> int:
