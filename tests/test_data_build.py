@@ -357,3 +357,46 @@ def test_word_checks_look_up_each_answer_word_like_the_lexical_rule():
     assert word_checks("patient", passage) == ["Answer words found in the DOCUMENT: patient no."]
     many = " ".join(f"w{i}" for i in range(30))
     assert word_checks(many, passage, max_words=3) == ["Answer words found in the DOCUMENT: w0 no, w1 no, w2 no."]
+
+
+def test_train_contexts_mix_windows_selections_and_whole_passages_and_leave_val_test_whole(tmp_path):
+    from lynx.context import ELISION, token_counter
+    from lynx.data.build import parse_train_contexts
+    from lynx.data.reasoning import evidence_span
+    from lynx.tokenizer import Tokenizer
+
+    kwargs = dict(max_per_source=60, sources=("covidqa", "financebench", "drop"), token_stats=False,
+                  log=lambda *a: None)
+    plain = build(tmp_path / "plain", seed=17, **kwargs)
+    stats = build(tmp_path / "mix", seed=17, train_contexts="window:300,select:128,whole", **kwargs)
+    build(tmp_path / "again", seed=17, train_contexts="window:300,select:128,whole", **kwargs)
+    assert _digest(tmp_path / "mix") == _digest(tmp_path / "again")
+    assert stats["train_contexts"] == "window:300,select:128,whole"
+    forms = stats["train_context_questions"]
+    assert set(forms) == {"window:300", "select:128", "whole"} and sum(forms.values()) == sum(
+        sum(c.values()) for c in plain["examples"]["train"].values()) // 2
+    for split in ("val", "test"):  # the judge selects from whole documents itself
+        for name in (f"halubench_{split}.jsonl", f"chat_{split}.jsonl"):
+            assert (tmp_path / "mix" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    whole = {r["id"]: r["passage"] for r in read(tmp_path / "plain" / "halubench_train.jsonl")}
+    gold = {r["id"]: r["answer"] for r in read(tmp_path / "plain" / "halubench_train.jsonl") if r["label"] == "PASS"}
+    count = token_counter(Tokenizer.llama3())
+    seen = Counter()
+    for r in read(tmp_path / "mix" / "halubench_train.jsonl"):
+        document, shown = whole[r["id"]], r["passage"]
+        if shown == document:
+            seen["whole or short"] += 1
+        elif ELISION.strip() in shown:
+            seen["selected"] += 1
+            assert count(shown) <= 128
+        else:
+            seen["window"] += 1
+            assert len(shown) <= 300 and shown in document
+        if shown != document:  # the gold evidence is always shown, to PASS and FAIL answers alike
+            s, e = evidence_span(gold[re.sub(r"-fail$", "-pass", r["id"])], r["question"], document)
+            assert document[s:e][:60] in shown or len(document[s:e]) > 300
+    assert seen["selected"] and seen["window"] and seen["whole or short"]
+    for bad in ("select", "window:50", "select:8", "full", "whole:3", ""):
+        with pytest.raises(ValueError, match="train contexts"):
+            parse_train_contexts(bad)
+    assert main(["build", "--out", str(tmp_path / "bad"), "--train-contexts", "select:x", "--no-token-stats"]) == 1

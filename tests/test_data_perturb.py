@@ -204,6 +204,8 @@ def test_perturb_is_deterministic_and_covers_all_types():
     at = gold.index
     allowed = {
         "number": {(at("1.2"), "1.2"): r"\d+\.\d", (at("12.5%"), "12.5%"): r"\d+\.\d%"},  # format kept
+        # A number of the same kind that the passage gives for something else (its year, its other integers).
+        "number_swap": {(at("2019"), "2019"): r"2008", (at("3,"), "3"): r"400,000|21"},
         "unit": {(at("billion"), "billion"): r"million|trillion"},
         "date": {(at("March"), "March"): r"December|January|February|April|May|June",
                  (at("3,"), "3"): r"[12]?\d|3[01]", (at("2019"), "2019"): r"201[6-8]|202[0-2]"},

@@ -30,6 +30,12 @@ def main(argv=None) -> int:
                    help="cut passages longer than C characters to a window of whole sentences around the answer's "
                         "evidence (COVID-QA papers are ~21k characters, ~5k tokens). For small CPU models only: "
                         "answers that need facts from far apart in the passage may lose their support")
+    b.add_argument("--train-contexts", default=None, metavar="FORMS",
+                   help="the documents training rows show, one form per question drawn from a comma-separated list: "
+                        "window:C (C characters of whole sentences around the answer's evidence), select:T (the "
+                        "evidence chunks the judge's --context-tokens T selection keeps, the gold evidence always "
+                        "among them), whole. E.g. window:300,select:256,select:512. Validation and test rows keep "
+                        "whole passages (default: training rows as validation and test)")
     b.add_argument("--train-fail-variants", type=int, default=1, metavar="K",
                    help="FAIL answers per training question, each next to a copy of its PASS example (default 1); "
                         "validation and test keep one pair per question")
@@ -74,7 +80,7 @@ def main(argv=None) -> int:
         build(args.out, seed=args.seed, sources=args.sources, max_per_source=args.max_per_source,
               max_passage_chars=args.max_passage_chars, fractions=tuple(args.split_fractions),
               raw_dir=args.raw_dir, token_stats=not args.no_token_stats, perturber=perturber,
-              train_fail_variants=args.train_fail_variants)
+              train_fail_variants=args.train_fail_variants, train_contexts=args.train_contexts)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

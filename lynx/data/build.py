@@ -35,6 +35,7 @@ import json
 import random
 import statistics
 from collections import Counter, defaultdict
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -84,6 +85,31 @@ def window_passage(passage: str, span: tuple[int, int], max_chars: int) -> str:
                 break
         if not grew:
             return passage[start:end]
+
+
+CONTEXT_KINDS = ("window", "select", "whole")
+
+
+def parse_train_contexts(spec: str) -> tuple[tuple[str, int], ...]:
+    """"window:300,select:256,whole" -> (("window", 300), ("select", 256), ("whole", 0)): the context forms training
+    rows are drawn from (see build's train_contexts)."""
+    forms = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        kind, _, size = part.partition(":")
+        if kind not in CONTEXT_KINDS or (kind == "whole") != (size == "") or (size and not size.isdigit()):
+            raise ValueError(f"train contexts: bad form {part!r}; expected window:CHARS, select:TOKENS or whole")
+        if kind == "window" and int(size) < 200:
+            raise ValueError(f"train contexts: {part!r}: windows below 200 characters would cut most evidence")
+        if kind == "select" and int(size) < 32:
+            raise ValueError(f"train contexts: {part!r}: a selection budget needs at least 32 tokens")
+        forms.append((kind, int(size or 0)))
+    if not forms:
+        raise ValueError("train contexts: no form given")
+    return tuple(forms)
+
+
+def format_train_context(form: tuple[str, int]) -> str:
+    return form[0] if form[0] == "whole" else f"{form[0]}:{form[1]}"
 
 
 def _passage_keys(passages: list[str], prefix: str) -> dict[str, str]:
@@ -164,6 +190,27 @@ def _halueval_fail(row: Row, ctx: Context, rng: random.Random, stats: PerturbSta
     return None
 
 
+def training_context(row: Row, answer: str, form: tuple[str, int]) -> str:
+    """The document a training row shows for `answer` in context form `form` (see build's train_contexts)."""
+    kind, size = form
+    if kind == "whole":
+        return row.passage
+    span = evidence_span(row.gold_answer, row.question, row.passage)
+    if kind == "window":
+        return window_passage(row.passage, span, size)
+    from lynx.context import select_evidence, token_counter
+
+    count = token_counter(_llama3_tokenizer())
+    return select_evidence(row.passage, row.question, answer, size, count, must_keep=span).text
+
+
+@lru_cache(maxsize=1)
+def _llama3_tokenizer():
+    from lynx.tokenizer import Tokenizer
+
+    return Tokenizer.llama3()
+
+
 def _example(row: Row, split: str, passage: str, answer: str, label: str, reasoning: list[str],
              p: Perturbation | None, component: str, variant: int = 1) -> dict:
     ex_id = f"{row.id}-{label.lower()}" + (f"{variant}" if variant > 1 else "")
@@ -233,14 +280,22 @@ def _token_stats(examples: list[dict]) -> tuple[dict | None, str]:
 
 def build(out_dir, *, seed: int = 17, sources=SOURCES, max_per_source: int | None = None,
           max_passage_chars: int | None = None, fractions=DEFAULT_FRACTIONS, raw_dir=None, token_stats: bool = True,
-          perturber: Callable | None = None, train_fail_variants: int = 1, log=print) -> dict:
+          perturber: Callable | None = None, train_fail_variants: int = 1, train_contexts=None, log=print) -> dict:
     """Build the dataset into `out_dir`; returns the statistics (also saved as stats.json).
 
     max_per_source: at most this many examples (PASS + FAIL) per source, taken from the seeded row order.
     max_passage_chars: window passages longer than this around the answer evidence (for small CPU models).
     perturber: `(gold, ctx, rng, stats=...) -> Perturbation | None`, default the hand-written lynx.data.perturb.
     train_fail_variants: FAIL answers per training question (each with a copy of its PASS example); val/test keep 1.
+    train_contexts: the documents training rows show, one form per question drawn from these (a spec string or
+    parse_train_contexts' tuples): ("window", C) the passage windowed to C characters around the gold evidence;
+    ("select", T) lynx.context.select_evidence at a T-token budget (Llama-3 tokens) for each answer, the gold
+    evidence always kept, the other chunks ranked as the judge ranks them; ("whole", 0) the passage itself. A
+    question's PASS and FAIL rows share the form. Validation and test rows keep whole passages (windowed when
+    max_passage_chars is given): the judge selects from them as it does from a user's documents.
     """
+    if isinstance(train_contexts, str):
+        train_contexts = parse_train_contexts(train_contexts)
     if train_fail_variants < 1:
         raise ValueError(f"train_fail_variants must be at least 1, got {train_fail_variants}")
     if abs(sum(fractions) - 1.0) > 1e-6 or len(fractions) != 3 or min(fractions) < 0:
@@ -255,9 +310,11 @@ def build(out_dir, *, seed: int = 17, sources=SOURCES, max_per_source: int | Non
     stats = {"seed": seed, "sources": list(sources), "max_per_source": max_per_source,
              "max_passage_chars": max_passage_chars, "split_fractions": list(fractions),
              **({"train_fail_variants": train_fail_variants} if train_fail_variants > 1 else {}),
+             **({"train_contexts": ",".join(map(format_train_context, train_contexts))} if train_contexts else {}),
              "loader_skipped": {}, "questions": {}, "grouping": {}, "perturbation": {}}
     perturb_stats = PerturbStats()
     examples = []
+    context_forms = Counter()
     for source in sources:
         rows, skipped = load_source(source, raw_dir)
         stats["loader_skipped"][source] = {"count": len(skipped), "rows": skipped[:20]}
@@ -325,12 +382,21 @@ def build(out_dir, *, seed: int = 17, sources=SOURCES, max_per_source: int | Non
             fails = [p]
             if split == "train" and train_fail_variants > 1:
                 fails += extra_fail_answers(row, ctx, p, train_fail_variants - 1, seed, perturber)
-            reasoning = pass_reasoning(row.question, row.gold_answer, passage, row.extra.get("spans", ()))
+            form = None
+            if split == "train" and train_contexts:
+                form = random.Random(f"{seed}:{row.id}:context").choice(train_contexts)
+                context_forms[format_train_context(form)] += 1
+            pass_passage = passage if form is None else training_context(row, row.gold_answer, form)
+            reasoning = pass_reasoning(row.question, row.gold_answer, pass_passage, row.extra.get("spans", ()))
             for variant, q in enumerate(fails, 1):  # variant > 1: a copy of the PASS example keeps labels balanced
-                examples.append(_example(row, split, passage, row.gold_answer, "PASS", reasoning, None, comp, variant))
-                examples.append(_example(row, split, passage, q.answer, "FAIL", fail_reasoning(row.gold_answer, q, ctx),
-                                         q, comp, variant))
+                examples.append(_example(row, split, pass_passage, row.gold_answer, "PASS", reasoning, None, comp,
+                                         variant))
+                fail_passage = passage if form is None else training_context(row, q.answer, form)
+                examples.append(_example(row, split, fail_passage, q.answer, "FAIL",
+                                         fail_reasoning(row.gold_answer, q, ctx), q, comp, variant))
     stats["perturbation"]["all"] = perturb_stats.table()
+    if train_contexts:
+        stats["train_context_questions"] = dict(sorted(context_forms.items()))
 
     # Files: one line per example, in a seeded order (PASS and FAIL of a question are not adjacent).
     examples.sort(key=lambda ex: _hash(seed, "order", ex["chat"]["id"]))

@@ -7,6 +7,8 @@ deterministic for a seed.
 
 Types (Perturbation.kind):
   number        a value, percentage or year changed, formatting kept ("$1,577.00" -> "$1,734.70")
+  number_swap   a value replaced by another value of the same kind (year, percentage, ...) that the passage gives
+                elsewhere: a number a word-overlap check finds in the document, attached to the wrong fact
   unit          a scale word or unit swapped within its dimension ("million" -> "billion", "mg" -> "g")
   date          a month, day or year inside a date expression changed ("March 1, 1565" -> "April 1, 1565")
   entity        a name swapped with a same-kind name from the same passage, or the other option of an "A or B"
@@ -28,9 +30,9 @@ from typing import Callable, Iterator
 
 from lynx.data.text import STOPWORDS, content_words, normalize, passage_info
 
-TYPES = ("number", "unit", "date", "entity", "polarity", "antonym", "added_claim", "other_answer")
+TYPES = ("number", "number_swap", "unit", "date", "entity", "polarity", "antonym", "added_claim", "other_answer")
 # Factual edits are tried before the two whole-answer types, so they are not drowned by them.
-TYPE_WEIGHTS = {"number": 3, "unit": 3, "date": 3, "entity": 3, "polarity": 3, "antonym": 3,
+TYPE_WEIGHTS = {"number": 3, "number_swap": 3, "unit": 3, "date": 3, "entity": 3, "polarity": 3, "antonym": 3,
                 "added_claim": 1, "other_answer": 1}
 MAX_CANDIDATES_PER_TYPE = 4
 
@@ -214,6 +216,30 @@ def perturb_number(gold: str, ctx: Context, rng: random.Random) -> Iterator[Pert
         old = m.group()
         for _ in range(2):  # a second draw when the first value is rejected (e.g. it is in the passage)
             yield apply_edits(gold, [Edit(m.start(), old, new_number_text(old, rng))], "number")
+
+
+def number_kind(m: re.Match) -> str:
+    """year, percent, decimal or integer: what a number may be swapped with."""
+    if m.group("pct"):
+        return "percent"
+    if m.group("dec"):
+        return "decimal"
+    value = m.group("num")
+    return "year" if len(value) == 4 and 1000 <= int(value) <= 2100 else "integer"
+
+
+def perturb_number_swap(gold: str, ctx: Context, rng: random.Random) -> Iterator[Perturbation]:
+    in_gold = {m.group() for m in _number_matches(gold, skip_dates=False)}
+    by_kind = defaultdict(list)
+    for m in NUMBER_RE.finditer(ctx.passage):
+        if m.group() not in in_gold and m.group() not in by_kind[number_kind(m)]:
+            by_kind[number_kind(m)].append(m.group())
+    matches = list(_number_matches(gold, skip_dates=False))
+    rng.shuffle(matches)
+    for m in matches[:2]:
+        others = by_kind[number_kind(m)]
+        for new in rng.sample(others, min(2, len(others))):
+            yield apply_edits(gold, [Edit(m.start(), m.group(), new)], "number_swap")
 
 
 # ---------------------------------------------------------------------------------------------------------- units
@@ -527,6 +553,7 @@ def perturb_other_answer(gold: str, ctx: Context, rng: random.Random) -> Iterato
 
 PERTURBERS: dict[str, Callable[[str, Context, random.Random], Iterator[Perturbation]]] = {
     "number": perturb_number,
+    "number_swap": perturb_number_swap,
     "unit": perturb_unit,
     "date": perturb_date,
     "entity": perturb_entity,
