@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from lynx.baselines import baseline_rows, fit_p_pass_threshold
+from lynx.baselines import baseline_rows
+from lynx.evaluate import compute_metrics
 from lynx.judge import FAST_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,15 +115,20 @@ def stratified_subset(rows: list[dict], n: int | None, seed: int = 0) -> list[di
 # --- the demo's options in the config ---------------------------------------------------------------------------
 
 DEMO_DEFAULTS = {
-    "max_passage_chars": 300,  # training and test passages windowed around the evidence (training speed)
+    "train_contexts": None,  # training documents (python -m lynx.data build --train-contexts); None: windows
+    "context_tokens": 0,  # evidence budget the judge reads (judge.context_tokens, lynx.json); 0: whole documents
+    "max_passage_chars": 300,  # the windowed secondary evaluation (and training windows without train_contexts)
     "train_target": "verdict",  # what the assistant turn trains on (see write_training_rows)
     "val_rows": 200,  # validation rows evaluated during training (stratified)
-    "test_rows": 600,  # test rows judged (stratified subset; null: the whole test split)
-    "full_mode_rows": 100,  # of those, judged again in full mode (generated completion)
-    "whole_passage_rows": 100,  # of those, judged again with whole passages (documents cut to whole_passage_tokens)
-    "whole_passage_tokens": 2048,  # prompt limit there: the middle of a longer document is cut (judge.py's policy)
+    "test_rows": 600,  # test rows judged, whole passages (stratified subset; null: the whole test split)
+    "window_rows": 200,  # of those, judged again with windowed passages (0: skip)
+    "full_mode_rows": 0,  # of those, judged again in full mode (generated completion)
+    "contrast_pairs": True,  # judge data/contrast/contrast_pairs.jsonl (one fact changed per pair)
     "zero_shot": True,  # also judge the untrained base model
 }
+FINE_TUNED, ZERO_SHOT = "fine-tuned judge", "base model, zero-shot"
+LENGTH_KEYS = ("prompt_tokens", "context_tokens", "document_tokens")  # what evaluate.whole_prompt_tokens reads
+CONTRAST_PAIRS = REPO / "data" / "contrast" / "contrast_pairs.jsonl"
 
 
 def split_demo_config(path: Path) -> tuple[dict, dict]:
@@ -165,7 +171,81 @@ def with_threshold(rows: list[dict], threshold: float) -> list[dict]:
             for r in rows]
 
 
+def perturbation_types(chat_rows: Path) -> dict[str, str]:
+    """Row id -> FAIL type (the builder's perturbation kind), "PASS" for PASS rows."""
+    return {r["id"]: (r.get("perturbation") or {}).get("type", "PASS") for r in read_jsonl(chat_rows)}
+
+
+def contrast_rows(pairs: list[dict]) -> list[dict]:
+    """HaluBench rows from contrast pairs: the faithful answer (PASS) and the same answer with one fact changed
+    (FAIL), on the same short document."""
+    return [{"id": f"{p['id']}-{label.lower()}", "passage": p["document"], "question": p["question"],
+             "answer": p[key], "label": label, "source_ds": "contrast", "pair": p["id"], "kind": p["kind"]}
+            for p in pairs for key, label in (("faithful", "PASS"), ("changed", "FAIL"))]
+
+
+def contrast_section(judged: dict[str, list[dict]]) -> str:
+    """How often each judge ranks a pair's faithful answer above its changed one (ties count half), and its
+    accuracy on the pairs' rows."""
+    lines = ["### Contrast pairs: one fact changed", "",
+             f"{len(next(iter(judged.values()))) // 2} hand-written pairs (data/contrast/contrast_pairs.jsonl): a short "
+             "document, a faithful answer and the same answer with one number, name, year or direction changed. A "
+             "judge that compares ranks the faithful answer first; a coin does so half the time.", "",
+             "| judge | faithful ranked first % | accuracy % | same p_pass for both % |", "|---|---|---|---|"]
+    for name, rows in judged.items():
+        by_pair: dict[str, dict[str, float]] = {}
+        for r in rows:
+            by_pair.setdefault(r["pair"], {})[r["label"]] = r["p_pass"]
+        first = [1.0 if p["PASS"] > p["FAIL"] else 0.5 if p["PASS"] == p["FAIL"] else 0.0 for p in by_pair.values()]
+        ties = [abs(p["PASS"] - p["FAIL"]) < 1e-4 for p in by_pair.values()]
+        accuracy = np.mean([r["score"] == r["label"] for r in rows])
+        lines.append(f"| {name} | {100 * np.mean(first):.1f} | {100 * accuracy:.1f} | {100 * np.mean(ties):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 # --- the report -------------------------------------------------------------------------------------------------
+
+
+def auroc_table(reports: dict[str, dict]) -> str:
+    sources = sorted({s for r in reports.values() for s in r["per_source"]})
+    lines = ["| judge | " + " | ".join(sources) + " | pooled |", "|" + "---|" * (len(sources) + 2)]
+    for name, r in reports.items():
+        if "p_pass >=" in name:
+            continue  # the same p_pass as the judge's own row
+        cells = [r["per_source"][s]["auroc"] if s in r["per_source"] else None for s in sources]
+        cells.append(r["auroc"]["value"])
+        lines.append(f"| {name} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def length_table(reports: dict[str, dict]) -> str:
+    from lynx.evaluate import LENGTH_BUCKETS
+
+    buckets = [b for _, _, b in LENGTH_BUCKETS]
+    counts = next((r["per_length"] for r in reports.values() if r.get("per_length")), {})
+    lines = ["| judge | " + " | ".join(f"{b} (n={counts.get(b, {}).get('n', 0)})" for b in buckets) + " |",
+             "|" + "---|" * (len(buckets) + 1)]
+    for name, r in reports.items():
+        cells = []
+        for b in buckets:
+            info = (r.get("per_length") or {}).get(b)
+            cells.append("-" if info is None else f"{100 * info['accuracy']:.1f} / " +
+                         ("-" if info["auroc"] is None else f"{info['auroc']:.3f}"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def type_table(judged: dict[str, list[dict]], types: dict[str, str]) -> str:
+    kinds = sorted({types.get(r["id"], "PASS") for rows in judged.values() for r in rows}, key=lambda k: (k == "PASS", k))
+    count = {k: sum(types.get(r["id"], "PASS") == k for r in next(iter(judged.values()))) for k in kinds}
+    lines = ["| judge | " + " | ".join(f"{k} (n={count[k]})" for k in kinds) + " |", "|" + "---|" * (len(kinds) + 1)]
+    for name, rows in judged.items():
+        cells = []
+        for k in kinds:
+            hits = [r["score"] == r["label"] for r in rows if types.get(r["id"], "PASS") == k]
+            cells.append(f"{100 * np.mean(hits):.1f}" if hits else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def comparison_table(reports: dict[str, dict]) -> str:
@@ -255,17 +335,51 @@ def plot_roc(judged: dict[str, list[dict]], reports: dict[str, dict], out: Path)
     return True
 
 
+def plot_per_length(reports: dict[str, dict], out: Path) -> bool:
+    """Accuracy per prompt-length bucket (whole-document prompt tokens), one bar per judge."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    from lynx.evaluate import LENGTH_BUCKETS
+
+    buckets = [b for _, _, b in LENGTH_BUCKETS]
+    shown = {k: r for k, r in reports.items() if r.get("per_length") and "p_pass >=" not in k}
+    if not shown:
+        return False
+    width = 0.8 / len(shown)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(buckets))
+    for i, (name, r) in enumerate(shown.items()):
+        values = [100 * r["per_length"][b]["accuracy"] if b in r["per_length"] else np.nan for b in buckets]
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=name)
+    counts = next(iter(shown.values()))["per_length"]
+    ax.set_xticks(x, [f"{b} tokens\n(n={counts.get(b, {}).get('n', 0)})" for b in buckets])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.axhline(50, color="grey", lw=0.8, ls=":")
+    ax.set_title("accuracy by prompt length (whole documents)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot_training(metrics_path: Path, out: Path) -> bool:
-    """Training loss per step, and the validation loss, accuracy and AUROC written at the eval steps."""
+    """The loss of the verdict token on the validation rows (the cross-entropy of the label under p_pass: what the
+    judge is learning), the training loss of the whole assistant turn beside it, and the validation accuracy and
+    AUROC, at the eval steps."""
     plt = _pyplot()
     if plt is None:
         return False
     rows = read_jsonl(metrics_path)
     evals = [r for r in rows if "eval_loss" in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    left.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8, label="training loss (assistant tokens)")
     if evals:
-        left.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="validation loss")
+        left.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-",
+                  label="validation: loss of the verdict token")
+    left.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.6, alpha=0.5,
+              label="training: loss of the whole assistant turn")
     left.set_xlabel("optimizer step")
     left.set_yscale("log")
     left.legend(fontsize=8)
@@ -331,17 +445,21 @@ def main(argv=None) -> int:
         demo["test_rows"] = args.test_rows or None
     if demo["train_target"] not in TRAIN_TARGETS:
         raise SystemExit(f"demo: {args.config}: train_target must be one of {TRAIN_TARGETS}")
+    budget = demo["context_tokens"]
+    train_config.setdefault("judge", {})["context_tokens"] = budget
     out = args.out.resolve()
-    data, data_whole, base_dir, train_dir = out / "data", out / "data_whole", out / "base", out / "train"
+    data, data_window, base_dir, train_dir = out / "data", out / "data_window", out / "base", out / "train"
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "train_config.yaml"
     config_path.write_text(yaml.safe_dump(train_config, sort_keys=False))
     timings: dict[str, float] = {}
     limit = ["--max-per-source", str(args.max_per_source)] if args.max_per_source else []
+    build = [sys.executable, "-m", "lynx.data", "build", "--seed", "17", "--no-token-stats", *limit]
 
-    run([sys.executable, "-m", "lynx.data", "build", "--out", str(data), "--seed", "17", "--no-token-stats",
-         "--max-passage-chars", str(demo["max_passage_chars"]), *limit], "build PASS/FAIL data", timings,
-        data / "stats.json")
+    # Training rows show the configured mix of contexts; validation and test rows keep whole passages.
+    train_forms = (["--train-contexts", demo["train_contexts"]] if demo["train_contexts"] else
+                   ["--max-passage-chars", str(demo["max_passage_chars"])])
+    run([*build, "--out", str(data), *train_forms], "build PASS/FAIL data", timings, data / "stats.json")
     if base.suffix == ".gguf":
         run([sys.executable, "-m", "lynx.convert", "gguf", str(base), str(base_dir), "--dtype", "bfloat16"],
             "convert the base model", timings, base_dir / "config.json")
@@ -359,37 +477,58 @@ def main(argv=None) -> int:
          f"model.init_from={base_dir}", f"eval.data={val_subset}", *args.overrides],
         "fine-tune the judge (FSDP2, gloo)", timings)
 
-    judged: dict[str, list[dict]] = {}
-    reports: dict[str, dict] = {}
+    # Whole passages, as users judge: each judge reads the evidence it selects (the fine-tuned one: the budget its
+    # lynx.json records; the base model: the same budget given on the command line).
     final = train_dir / "final"
-    run(judge_cmd(final, test_subset, out / "judge_test", "--fast"), "judge the test subset (fine-tuned, fast)",
+    card = json.loads((final / "lynx.json").read_text())
+    judged: dict[str, list[dict]] = {}
+    run(judge_cmd(final, test_subset, out / "judge_test", "--fast"), "judge the test subset (fine-tuned)",
         timings, out / "judge_test" / "report.json")
-    judged["fine-tuned judge"] = read_jsonl(out / "judge_test" / "judged.jsonl")
+    judged[FINE_TUNED] = read_jsonl(out / "judge_test" / "judged.jsonl")
+    judged["fine-tuned judge, p_pass >= 0.5"] = with_threshold(judged[FINE_TUNED], 0.5)
     if demo["zero_shot"]:
-        run(judge_cmd(base_dir, test_subset, out / "base_test", "--fast"), "judge the test subset (base, zero-shot)",
-            timings, out / "base_test" / "report.json")
-        judged["base model, zero-shot"] = read_jsonl(out / "base_test" / "judged.jsonl")
-
-    from lynx.evaluate import compute_metrics
-
+        run(judge_cmd(base_dir, test_subset, out / "base_test", "--fast", "--context-tokens", str(budget)),
+            "judge the test subset (base, zero-shot)", timings, out / "base_test" / "report.json")
+        judged[ZERO_SHOT] = read_jsonl(out / "base_test" / "judged.jsonl")
+    lengths = {r["id"]: {k: r[k] for k in LENGTH_KEYS} for r in judged[FINE_TUNED]}
     for name, rows in baseline_rows(test_rows, val).items():
-        judged[f"{name} baseline"] = rows
-    for name, rows in judged.items():
-        reports[name] = compute_metrics(rows, n_bootstrap=1000)
-    order = list(judged)
+        judged[f"{name} baseline"] = [{**r, **lengths[r["id"]]} for r in rows]
+    reports = {name: compute_metrics(rows, n_bootstrap=1000) for name, rows in judged.items()}
+    types = perturbation_types(data / "chat_test.jsonl")
 
-    # The fine-tuned judge with a p_pass threshold fitted on the validation rows (judged for that purpose).
-    notes = []
-    run(judge_cmd(final, val_subset, out / "judge_val", "--fast"), "judge the validation subset (threshold fit)",
-        timings, out / "judge_val" / "report.json")
-    threshold = fit_p_pass_threshold(read_jsonl(out / "judge_val" / "judged.jsonl"))
-    name = f"fine-tuned judge, p_pass >= {threshold:.3f} (fitted on validation)"
-    judged[name] = with_threshold(judged["fine-tuned judge"], threshold)
-    reports[name] = compute_metrics(judged[name], n_bootstrap=1000)
-    order.insert(1, name)
-    reports = {k: reports[k] for k in order}
+    sections = []
+    if demo["contrast_pairs"]:
+        pairs = write_jsonl(contrast_rows(read_jsonl(CONTRAST_PAIRS)), out / "contrast_pairs.jsonl")
+        contrast = {}
+        run(judge_cmd(final, pairs, out / "judge_contrast", "--fast"), "judge the contrast pairs (fine-tuned)",
+            timings, out / "judge_contrast" / "report.json")
+        contrast[FINE_TUNED] = read_jsonl(out / "judge_contrast" / "judged.jsonl")
+        if demo["zero_shot"]:
+            run(judge_cmd(base_dir, pairs, out / "base_contrast", "--fast"), "judge the contrast pairs (base)",
+                timings, out / "base_contrast" / "report.json")
+            contrast[ZERO_SHOT] = read_jsonl(out / "base_contrast" / "judged.jsonl")
+        contrast["lexical baseline"] = baseline_rows(read_jsonl(pairs), val)["lexical"]
+        sections.append(contrast_section(contrast))
 
-    extra_sections = []
+    if demo["window_rows"]:
+        run([*build, "--out", str(data_window), "--max-passage-chars", str(demo["max_passage_chars"])],
+            "build the same splits with windowed passages", timings, data_window / "stats.json")
+        windowed = {r["id"]: r for r in read_jsonl(data_window / "halubench_test.jsonl")}
+        ids = [r["id"] for r in stratified_subset(test_rows, demo["window_rows"], seed=2)]
+        window_subset = write_jsonl([windowed[i] for i in ids if i in windowed], out / "test_window.jsonl")
+        run(judge_cmd(final, window_subset, out / "judge_window", "--fast"),
+            f"judge {demo['max_passage_chars']}-character windows (fine-tuned)", timings,
+            out / "judge_window" / "report.json")
+        window_rows = read_jsonl(window_subset)
+        window_val = read_jsonl(data_window / "halubench_val.jsonl")
+        window_judged = {FINE_TUNED: read_jsonl(out / "judge_window" / "judged.jsonl"),
+                         "lexical baseline": baseline_rows(window_rows, window_val)["lexical"]}
+        sections.append(
+            f"### Secondary: passages windowed to {demo['max_passage_chars']} characters\n\n"
+            f"The old training-window view: {len(window_rows)} of the same test questions, each passage cut to "
+            f"{demo['max_passage_chars']} characters around the answer's evidence (a window a user does not have).\n\n"
+            + comparison_table({k: compute_metrics(v, n_bootstrap=1000) for k, v in window_judged.items()}) + "\n")
+
     if demo["full_mode_rows"]:
         full_subset = write_jsonl(stratified_subset(test_rows, demo["full_mode_rows"], seed=1), out / "test_full.jsonl")
         run(judge_cmd(final, full_subset, out / "judge_full"), "judge in full mode (generated completion)", timings,
@@ -397,57 +536,57 @@ def main(argv=None) -> int:
         full = json.loads((out / "judge_full" / "report.json").read_text())
         n, unparsed = full["n_judged"], full["n_unparsed"]
         fast_mode = full.get("fast_mode") or {}
-        extra_sections.append(
+        sections.append(
             f"Full mode (greedy generation of the whole completion, as published) on {n} of these rows: parsed "
             f"{100 * (n - unparsed) / n:.1f}%, pooled accuracy {100 * full['accuracy']['pooled']:.1f}% "
             f"(fast mode on the same rows: {100 * fast_mode.get('accuracy_pooled', float('nan')):.1f}%, agreement "
-            f"{100 * (fast_mode.get('agreement_with_full') or float('nan')):.1f}%).")
-    if demo["whole_passage_rows"]:
-        run([sys.executable, "-m", "lynx.data", "build", "--out", str(data_whole), "--seed", "17", "--no-token-stats",
-             *limit], "build the same splits with whole passages", timings, data_whole / "stats.json")
-        whole = {r["id"]: r for r in read_jsonl(data_whole / "halubench_test.jsonl")}
-        ids = [r["id"] for r in stratified_subset(test_rows, demo["whole_passage_rows"], seed=2)]
-        whole_subset = write_jsonl([whole[i] for i in ids if i in whole], out / "test_whole.jsonl")
-        run(judge_cmd(final, whole_subset, out / "judge_whole", "--fast", "--max-input-tokens",
-                      str(demo["whole_passage_tokens"])), "judge whole passages (fast)", timings,
-            out / "judge_whole" / "report.json")
-        w = json.loads((out / "judge_whole" / "report.json").read_text())
-        ci = w["accuracy"]["pooled_ci95"]
-        extra_sections.append(
-            f"Whole passages (the same test questions, documents not windowed; {w['n_judged']} rows, "
-            f"{w['n_truncated']} cut to {demo['whole_passage_tokens']} prompt tokens): pooled accuracy {100 * w['accuracy']['pooled']:.1f}% "
-            f"(95% CI {100 * ci[0]:.1f}-{100 * ci[1]:.1f}), AUROC {w['auroc']['value']:.3f}.")
+            f"{100 * (fast_mode.get('agreement_with_full') or float('nan')):.1f}%).\n")
 
-    gain = paired_bootstrap_gain(judged["fine-tuned judge"], judged["lexical baseline"])
+    gains = {name: paired_bootstrap_gain(judged[FINE_TUNED], judged[name])
+             for name in ("lexical baseline", ZERO_SHOT) if name in judged}
     plots = []
     if plot_accuracy_per_source(reports, out / "accuracy_per_source.png"):
         plots.append("accuracy_per_source.png")
     if plot_roc({k: v for k, v in judged.items() if "p_pass >=" not in k}, reports, out / "roc.png"):
         plots.append("roc.png")
+    if plot_per_length(reports, out / "accuracy_per_length.png"):
+        plots.append("accuracy_per_length.png")
     if plot_training(train_dir / "metrics.jsonl", out / "training.png"):
         plots.append("training.png")
     minutes = (time.perf_counter() - start) / 60
     overrides = f" and the overrides `{' '.join(args.overrides)}`" if args.overrides else ""
+    fitted = card.get("p_pass_threshold")
+    n_selected = sum(1 for r in judged[FINE_TUNED] if r.get("selected"))
     lines = [
         "# lynx demo", "",
-        f"Base model: {base.name}, fine-tuned with {args.config.name}{overrides}. Held-out test split: a stratified "
-        f"subset of {len(test_rows)} of {len(test)} rows, passages windowed to {demo['max_passage_chars']} "
-        "characters. Accuracy %, 95% intervals from 1,000 bootstrap resamples within each source:", "",
+        f"Base model: {base.name}, fine-tuned with {args.config.name}{overrides} on training contexts "
+        f"`{demo['train_contexts'] or 'window:' + str(demo['max_passage_chars'])}`. Held-out test split, whole passages: "
+        f"a stratified subset of {len(test_rows)} of {len(test)} rows. Each judge reads up to {budget} tokens of "
+        f"evidence selected from the document ({n_selected} of {len(test_rows)} documents were longer and were "
+        "selected from; lynx.context); the baselines read the whole document. The fine-tuned judge runs as judge.py "
+        f"runs it, with its lynx.json: p_pass >= {fitted if fitted is None else round(fitted, 3)} (fitted on the "
+        "validation rows at the end of training). Accuracy %, 95% intervals from 1,000 bootstrap resamples within "
+        "each source:", "",
         comparison_table(reports), "",
-        f"Pooled-accuracy gain of the fine-tuned judge (p_pass >= 0.5) over the lexical baseline: "
-        f"{100 * gain['gain']:+.1f} points, paired-bootstrap 95% CI {100 * gain['ci95'][0]:+.1f} to "
-        f"{100 * gain['ci95'][1]:+.1f}.", "",
+        *[f"Pooled-accuracy gain of the fine-tuned judge over the {name}: {100 * g['gain']:+.1f} points, "
+          f"paired-bootstrap 95% CI {100 * g['ci95'][0]:+.1f} to {100 * g['ci95'][1]:+.1f}." for name, g in gains.items()],
+        "",
+        "AUROC within each source:", "", auroc_table(reports), "",
+        "By prompt length (tokens of the prompt with the whole document; accuracy % / AUROC):", "",
+        length_table(reports), "",
+        "By FAIL type (accuracy % on the test subset's FAIL rows of each type; PASS rows for reference):", "",
+        type_table({k: judged[k] for k in (FINE_TUNED, ZERO_SHOT, "lexical baseline") if k in judged}, types), "",
         "Lexical baseline: FAIL when the share of answer words absent from the document exceeds a threshold fitted "
         "on the validation split; majority: the validation split's majority label. Zero-shot: the untrained base "
-        "model, same prompt and mode (fast: p_pass read after a forced empty reasoning).", "",
-        *[s + "\n" for s in extra_sections + notes],
+        "model, same prompt, mode and evidence budget (fast: p_pass read after a forced empty reasoning).", "",
+        *[s + "\n" for s in sections],
         "Steps (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + f"; total {minutes:.1f} min.",
         "", *[f"![{p}]({p})" for p in plots], "",
     ]
     (out / "demo_report.md").write_text("\n".join(lines))
     (out / "demo_report.json").write_text(json.dumps(
-        {"reports": reports, "gain_over_lexical": gain, "threshold": threshold, "timings_s": timings,
-         "test_rows": len(test_rows), "minutes": minutes}, indent=2) + "\n")
+        {"reports": reports, "gains": gains, "gain_over_lexical": gains["lexical baseline"], "judge_card": card,
+         "timings_s": timings, "test_rows": len(test_rows), "minutes": minutes}, indent=2) + "\n")
     print("\n" + "\n".join(lines))
     print(f"try it: python judge.py --model {final} --question ... --document ... --answer ...")
     print(f"demo finished in {minutes:.1f} min; report: {out / 'demo_report.md'}")

@@ -138,11 +138,14 @@ def test_demo_pipeline_runs_end_to_end_at_the_smallest_size(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = (out / "demo_report.md").read_text()
     for name in ("fine-tuned judge", "base model, zero-shot", "majority baseline", "lexical baseline",
-                 "fitted on validation", "paired-bootstrap 95% CI", "Full mode", "Whole passages"):
+                 "fitted on the validation rows", "paired-bootstrap 95% CI", "AUROC within each source",
+                 "By prompt length", "By FAIL type", "Contrast pairs", "windowed to 300 characters"):
         assert name in report, name
-    for png in ("accuracy_per_source.png", "roc.png", "training.png"):
+    for png in ("accuracy_per_source.png", "roc.png", "training.png", "accuracy_per_length.png"):
         assert (out / png).is_file(), png
     assert (out / "train" / "final" / "tokenizer.json").is_file()
+    card = json.loads((out / "train" / "final" / "lynx.json").read_text())
+    assert card["context_tokens"] == split_demo_config(REPO / "configs" / "demo-cpu.yaml")[0]["context_tokens"]
     judged = [json.loads(line) for line in (out / "judge_test" / "judged.jsonl").open()]
     subset = [json.loads(line) for line in (out / "test_subset.jsonl").open()]
     assert len(judged) == len(subset) > 0 and all(r["p_pass"] is not None for r in judged)
