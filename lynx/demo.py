@@ -36,6 +36,7 @@ import yaml
 
 from lynx.baselines import baseline_rows, fit_p_pass_threshold
 from lynx.judge import FAST_PREFIX
+from lynx.rows import read_dicts, write_rows
 
 REPO = Path(__file__).resolve().parents[1]
 RESUME = False  # set by --resume
@@ -58,18 +59,6 @@ def find_base_model() -> Path:
 TRAIN_TARGETS = ("reasoning", "verdict", "both")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_jsonl(rows: list[dict], path: Path) -> Path:
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
 def verdict_only(row: dict) -> dict:
     """The row with its assistant turn replaced by the verdict after an empty reasoning: exactly the completion the
     fast judge mode scores (judge.FAST_PREFIX, then the label)."""
@@ -89,8 +78,8 @@ def write_training_rows(chat_train: Path, target: str, out: Path) -> Path:
     the same step."""
     if target not in TRAIN_TARGETS:
         raise ValueError(f"train_target must be one of {TRAIN_TARGETS}, got {target!r}")
-    rows = [{**r, "pair": question_key(r)} for r in read_jsonl(chat_train)]
-    return write_jsonl((rows if target in ("reasoning", "both") else []) +
+    rows = [{**r, "pair": question_key(r)} for r in read_dicts(chat_train)]
+    return write_rows((rows if target in ("reasoning", "both") else []) +
                        ([verdict_only(r) for r in rows] if target != "reasoning" else []), out)
 
 
@@ -260,7 +249,7 @@ def plot_training(metrics_path: Path, out: Path) -> bool:
     plt = _pyplot()
     if plt is None:
         return False
-    rows = read_jsonl(metrics_path)
+    rows = read_dicts(metrics_path)
     evals = [r for r in rows if "eval_loss" in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     left.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8, label="training loss (assistant tokens)")
@@ -348,10 +337,10 @@ def main(argv=None) -> int:
     else:
         base_dir = base
 
-    val, test = read_jsonl(data / "halubench_val.jsonl"), read_jsonl(data / "halubench_test.jsonl")
-    val_subset = write_jsonl(stratified_subset(val, demo["val_rows"]), out / "val_subset.jsonl")
+    val, test = read_dicts(data / "halubench_val.jsonl"), read_dicts(data / "halubench_test.jsonl")
+    val_subset = write_rows(stratified_subset(val, demo["val_rows"]), out / "val_subset.jsonl")
     test_rows = stratified_subset(test, demo["test_rows"])
-    test_subset = write_jsonl(test_rows, out / "test_subset.jsonl")
+    test_subset = write_rows(test_rows, out / "test_subset.jsonl")
     train_rows = write_training_rows(data / "chat_train.jsonl", demo["train_target"],
                                      out / f"train_{demo['train_target']}.jsonl")
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "train.py",
@@ -364,11 +353,11 @@ def main(argv=None) -> int:
     final = train_dir / "final"
     run(judge_cmd(final, test_subset, out / "judge_test", "--fast"), "judge the test subset (fine-tuned, fast)",
         timings, out / "judge_test" / "report.json")
-    judged["fine-tuned judge"] = read_jsonl(out / "judge_test" / "judged.jsonl")
+    judged["fine-tuned judge"] = read_dicts(out / "judge_test" / "judged.jsonl")
     if demo["zero_shot"]:
         run(judge_cmd(base_dir, test_subset, out / "base_test", "--fast"), "judge the test subset (base, zero-shot)",
             timings, out / "base_test" / "report.json")
-        judged["base model, zero-shot"] = read_jsonl(out / "base_test" / "judged.jsonl")
+        judged["base model, zero-shot"] = read_dicts(out / "base_test" / "judged.jsonl")
 
     from lynx.evaluate import compute_metrics
 
@@ -382,7 +371,7 @@ def main(argv=None) -> int:
     notes = []
     run(judge_cmd(final, val_subset, out / "judge_val", "--fast"), "judge the validation subset (threshold fit)",
         timings, out / "judge_val" / "report.json")
-    threshold = fit_p_pass_threshold(read_jsonl(out / "judge_val" / "judged.jsonl"))
+    threshold = fit_p_pass_threshold(read_dicts(out / "judge_val" / "judged.jsonl"))
     name = f"fine-tuned judge, p_pass >= {threshold:.3f} (fitted on validation)"
     judged[name] = with_threshold(judged["fine-tuned judge"], threshold)
     reports[name] = compute_metrics(judged[name], n_bootstrap=1000)
@@ -391,7 +380,7 @@ def main(argv=None) -> int:
 
     extra_sections = []
     if demo["full_mode_rows"]:
-        full_subset = write_jsonl(stratified_subset(test_rows, demo["full_mode_rows"], seed=1), out / "test_full.jsonl")
+        full_subset = write_rows(stratified_subset(test_rows, demo["full_mode_rows"], seed=1), out / "test_full.jsonl")
         run(judge_cmd(final, full_subset, out / "judge_full"), "judge in full mode (generated completion)", timings,
             out / "judge_full" / "report.json")
         full = json.loads((out / "judge_full" / "report.json").read_text())
@@ -405,9 +394,9 @@ def main(argv=None) -> int:
     if demo["whole_passage_rows"]:
         run([sys.executable, "-m", "lynx.data", "build", "--out", str(data_whole), "--seed", "17", "--no-token-stats",
              *limit], "build the same splits with whole passages", timings, data_whole / "stats.json")
-        whole = {r["id"]: r for r in read_jsonl(data_whole / "halubench_test.jsonl")}
+        whole = {r["id"]: r for r in read_dicts(data_whole / "halubench_test.jsonl")}
         ids = [r["id"] for r in stratified_subset(test_rows, demo["whole_passage_rows"], seed=2)]
-        whole_subset = write_jsonl([whole[i] for i in ids if i in whole], out / "test_whole.jsonl")
+        whole_subset = write_rows([whole[i] for i in ids if i in whole], out / "test_whole.jsonl")
         run(judge_cmd(final, whole_subset, out / "judge_whole", "--fast", "--max-input-tokens",
                       str(demo["whole_passage_tokens"])), "judge whole passages (fast)", timings,
             out / "judge_whole" / "report.json")

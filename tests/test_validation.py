@@ -91,3 +91,19 @@ def test_trainer_writes_eval_metrics(tmp_path):
     with_eval = [m["step"] for m in lines if "eval_accuracy" in m]
     assert with_eval == [2, 3]  # every 2 steps, and the last one
     assert all(0.0 <= m["eval_accuracy"] <= 1.0 and m["eval_rows"] == 6 for m in lines if "eval_accuracy" in m)
+
+
+def test_eval_data_reads_any_format_lynx_rows_reads_and_names_a_bad_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lynx.validation import load_eval_rows
+
+    rows = halubench_rows(tmp_path / "val.jsonl")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "val.parquet")
+    assert load_eval_rows(str(tmp_path / "val.parquet"), None) == load_eval_rows(str(tmp_path / "val.jsonl"), None)
+    kind, got = load_eval_rows(str(tmp_path / "val.parquet"), 4)
+    assert kind == "judge" and [r["id"] for r in got] == ["0", "1", "2", "3"]
+    pq.write_table(pa.Table.from_pylist([rows[0], {**rows[1], "label": "maybe"}]), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad.parquet:row 1: bad HaluBench row: label must be PASS or FAIL"):
+        load_eval_rows(str(tmp_path / "bad.parquet"), None)
