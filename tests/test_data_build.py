@@ -440,3 +440,26 @@ def test_bad_source_files_fail_with_named_errors_and_write_nothing(tmp_path, cap
         assert sorted(p.name for p in out.iterdir()) == ["stats.json"]
         assert (out / "stats.json").read_text() == "an earlier build\n"
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+
+
+def test_a_build_that_fails_after_writing_its_files_leaves_out_as_it_was(tmp_path):
+    from lynx.data.source_file import SourceFile
+    from tests.test_data_sources import own_domain_records
+
+    path = tmp_path / "handbook.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in own_domain_records()))
+
+    def fail_at_the_summary(message):  # the summary is logged once every file is written
+        if message.startswith("examples per split"):
+            raise RuntimeError("interrupted")
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "stats.json").write_text("an earlier build\n")
+    for out in (tmp_path / "fresh", earlier):
+        with pytest.raises(RuntimeError, match="interrupted"):
+            build(out, sources=(), source_files=[SourceFile.parse(str(path))], token_stats=False,
+                  log=fail_at_the_summary)
+    assert not (tmp_path / "fresh").exists() and [p.name for p in earlier.iterdir()] == ["stats.json"]
+    assert (tmp_path / "earlier" / "stats.json").read_text() == "an earlier build\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "handbook.jsonl"]  # no staging folder left
