@@ -37,6 +37,7 @@ import yaml
 from lynx.baselines import baseline_rows
 from lynx.evaluate import compute_metrics
 from lynx.judge import FAST_PREFIX
+from lynx.rows import read_dicts, write_rows
 
 REPO = Path(__file__).resolve().parents[1]
 RESUME = False  # set by --resume
@@ -59,18 +60,6 @@ def find_base_model() -> Path:
 TRAIN_TARGETS = ("reasoning", "verdict", "both")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_jsonl(rows: list[dict], path: Path) -> Path:
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
 def verdict_only(row: dict) -> dict:
     """The row with its assistant turn replaced by the verdict after an empty reasoning: exactly the completion the
     fast judge mode scores (judge.FAST_PREFIX, then the label)."""
@@ -90,8 +79,8 @@ def write_training_rows(chat_train: Path, target: str, out: Path) -> Path:
     the same step."""
     if target not in TRAIN_TARGETS:
         raise ValueError(f"train_target must be one of {TRAIN_TARGETS}, got {target!r}")
-    rows = [{**r, "pair": question_key(r)} for r in read_jsonl(chat_train)]
-    return write_jsonl((rows if target in ("reasoning", "both") else []) +
+    rows = [{**r, "pair": question_key(r)} for r in read_dicts(chat_train)]
+    return write_rows((rows if target in ("reasoning", "both") else []) +
                        ([verdict_only(r) for r in rows] if target != "reasoning" else []), out)
 
 
@@ -173,7 +162,7 @@ def with_threshold(rows: list[dict], threshold: float) -> list[dict]:
 
 def perturbation_types(chat_rows: Path) -> dict[str, str]:
     """Row id -> FAIL type (the builder's perturbation kind), "PASS" for PASS rows."""
-    return {r["id"]: (r.get("perturbation") or {}).get("type", "PASS") for r in read_jsonl(chat_rows)}
+    return {r["id"]: (r.get("perturbation") or {}).get("type", "PASS") for r in read_dicts(chat_rows)}
 
 
 def contrast_rows(pairs: list[dict]) -> list[dict]:
@@ -372,7 +361,7 @@ def plot_training(metrics_path: Path, out: Path) -> bool:
     plt = _pyplot()
     if plt is None:
         return False
-    rows = read_jsonl(metrics_path)
+    rows = read_dicts(metrics_path)
     evals = [r for r in rows if "eval_loss" in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     if evals:
@@ -466,10 +455,10 @@ def main(argv=None) -> int:
     else:
         base_dir = base
 
-    val, test = read_jsonl(data / "halubench_val.jsonl"), read_jsonl(data / "halubench_test.jsonl")
-    val_subset = write_jsonl(stratified_subset(val, demo["val_rows"]), out / "val_subset.jsonl")
+    val, test = read_dicts(data / "halubench_val.jsonl"), read_dicts(data / "halubench_test.jsonl")
+    val_subset = write_rows(stratified_subset(val, demo["val_rows"]), out / "val_subset.jsonl")
     test_rows = stratified_subset(test, demo["test_rows"])
-    test_subset = write_jsonl(test_rows, out / "test_subset.jsonl")
+    test_subset = write_rows(test_rows, out / "test_subset.jsonl")
     train_rows = write_training_rows(data / "chat_train.jsonl", demo["train_target"],
                                      out / f"train_{demo['train_target']}.jsonl")
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "train.py",
@@ -484,12 +473,12 @@ def main(argv=None) -> int:
     judged: dict[str, list[dict]] = {}
     run(judge_cmd(final, test_subset, out / "judge_test", "--fast"), "judge the test subset (fine-tuned)",
         timings, out / "judge_test" / "report.json")
-    judged[FINE_TUNED] = read_jsonl(out / "judge_test" / "judged.jsonl")
+    judged[FINE_TUNED] = read_dicts(out / "judge_test" / "judged.jsonl")
     judged["fine-tuned judge, p_pass >= 0.5"] = with_threshold(judged[FINE_TUNED], 0.5)
     if demo["zero_shot"]:
         run(judge_cmd(base_dir, test_subset, out / "base_test", "--fast", "--context-tokens", str(budget)),
             "judge the test subset (base, zero-shot)", timings, out / "base_test" / "report.json")
-        judged[ZERO_SHOT] = read_jsonl(out / "base_test" / "judged.jsonl")
+        judged[ZERO_SHOT] = read_dicts(out / "base_test" / "judged.jsonl")
     lengths = {r["id"]: {k: r[k] for k in LENGTH_KEYS} for r in judged[FINE_TUNED]}
     for name, rows in baseline_rows(test_rows, val).items():
         judged[f"{name} baseline"] = [{**r, **lengths[r["id"]]} for r in rows]
@@ -498,30 +487,30 @@ def main(argv=None) -> int:
 
     sections = []
     if demo["contrast_pairs"]:
-        pairs = write_jsonl(contrast_rows(read_jsonl(CONTRAST_PAIRS)), out / "contrast_pairs.jsonl")
+        pairs = write_rows(contrast_rows(read_dicts(CONTRAST_PAIRS)), out / "contrast_pairs.jsonl")
         contrast = {}
         run(judge_cmd(final, pairs, out / "judge_contrast", "--fast"), "judge the contrast pairs (fine-tuned)",
             timings, out / "judge_contrast" / "report.json")
-        contrast[FINE_TUNED] = read_jsonl(out / "judge_contrast" / "judged.jsonl")
+        contrast[FINE_TUNED] = read_dicts(out / "judge_contrast" / "judged.jsonl")
         if demo["zero_shot"]:
             run(judge_cmd(base_dir, pairs, out / "base_contrast", "--fast"), "judge the contrast pairs (base)",
                 timings, out / "base_contrast" / "report.json")
-            contrast[ZERO_SHOT] = read_jsonl(out / "base_contrast" / "judged.jsonl")
-        contrast["lexical baseline"] = baseline_rows(read_jsonl(pairs), val)["lexical"]
+            contrast[ZERO_SHOT] = read_dicts(out / "base_contrast" / "judged.jsonl")
+        contrast["lexical baseline"] = baseline_rows(read_dicts(pairs), val)["lexical"]
         sections.append(contrast_section(contrast))
 
     if demo["window_rows"]:
         run([*build, "--out", str(data_window), "--max-passage-chars", str(demo["max_passage_chars"])],
             "build the same splits with windowed passages", timings, data_window / "stats.json")
-        windowed = {r["id"]: r for r in read_jsonl(data_window / "halubench_test.jsonl")}
+        windowed = {r["id"]: r for r in read_dicts(data_window / "halubench_test.jsonl")}
         ids = [r["id"] for r in stratified_subset(test_rows, demo["window_rows"], seed=2)]
-        window_subset = write_jsonl([windowed[i] for i in ids if i in windowed], out / "test_window.jsonl")
+        window_subset = write_rows([windowed[i] for i in ids if i in windowed], out / "test_window.jsonl")
         run(judge_cmd(final, window_subset, out / "judge_window", "--fast"),
             f"judge {demo['max_passage_chars']}-character windows (fine-tuned)", timings,
             out / "judge_window" / "report.json")
-        window_rows = read_jsonl(window_subset)
-        window_val = read_jsonl(data_window / "halubench_val.jsonl")
-        window_judged = {FINE_TUNED: read_jsonl(out / "judge_window" / "judged.jsonl"),
+        window_rows = read_dicts(window_subset)
+        window_val = read_dicts(data_window / "halubench_val.jsonl")
+        window_judged = {FINE_TUNED: read_dicts(out / "judge_window" / "judged.jsonl"),
                          "lexical baseline": baseline_rows(window_rows, window_val)["lexical"]}
         sections.append(
             f"### Secondary: passages windowed to {demo['max_passage_chars']} characters\n\n"
@@ -530,7 +519,7 @@ def main(argv=None) -> int:
             + comparison_table({k: compute_metrics(v, n_bootstrap=1000) for k, v in window_judged.items()}) + "\n")
 
     if demo["full_mode_rows"]:
-        full_subset = write_jsonl(stratified_subset(test_rows, demo["full_mode_rows"], seed=1), out / "test_full.jsonl")
+        full_subset = write_rows(stratified_subset(test_rows, demo["full_mode_rows"], seed=1), out / "test_full.jsonl")
         run(judge_cmd(final, full_subset, out / "judge_full"), "judge in full mode (generated completion)", timings,
             out / "judge_full" / "report.json")
         full = json.loads((out / "judge_full" / "report.json").read_text())

@@ -3,11 +3,15 @@
 One example (prints the verdict as JSON):
   python judge.py --model DIR --question Q --context DOC --answer A
 
-A JSONL file in the HaluBench schema (`passage` or `context`, `question`, `answer`, optional `label`, `source_ds`,
-`id`); output rows are the input rows plus `score`, `p_pass`, `reasoning`, `raw` (and `truncated`, `skipped`,
-`prompt_tokens`, and what of the document was read: `context_tokens`, `document_tokens`, `selected`, the kept
-character spans or null for the whole document):
+Rows in the HaluBench schema (`passage` or `context`, `question`, `answer`, optional `label`, `source_ds`, `id`) from
+a .jsonl, .json, .csv, .tsv or .parquet file, a `datasets` folder, or a Hugging Face dataset id already in the local
+hub cache (lynx/rows.py; --columns maps other column names); output rows are the input rows plus `score`, `p_pass`,
+`reasoning`, `raw` (and `truncated`, `skipped`, `prompt_tokens`, and what of the document was read:
+`context_tokens`, `document_tokens`, `selected`, the kept character spans or null for the whole document), as JSONL
+(Parquet for an --output ending .parquet):
   python judge.py --model DIR --input rows.jsonl --output judged.jsonl
+  python judge.py --model DIR --input HaluBench/data/test-00000-of-00001.parquet --output judged.jsonl --eval
+  python judge.py --model DIR --input mine.csv --columns question=q,passage=doc,answer=reply --output judged.parquet
 
 HaluBench-style evaluation (rows need `label`), written to --report-dir as report.json, report.md (+ report.png):
   python judge.py --model DIR --input halubench.jsonl --output judged.jsonl --eval
@@ -31,6 +35,7 @@ import torch.distributed as dist
 
 from lynx.config import DTYPES as CONFIG_DTYPES
 from lynx.distributed import all_gather_objects, init_distributed
+from lynx.rows import BadInput, parse_columns, read_rows, row_example, write_rows
 
 DTYPES = {"auto": None, **CONFIG_DTYPES}  # auto: lynx.judge.auto_dtype
 EXIT_BAD_INPUT = 2
@@ -48,9 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     single.add_argument("--question", help="the question")
     single.add_argument("--context", "--document", dest="context", help="the document the answer must be faithful to")
     single.add_argument("--answer", help="the answer to judge")
-    batch = p.add_argument_group("a JSONL file")
-    batch.add_argument("--input", type=Path, help="rows in the HaluBench schema, one JSON object per line")
-    batch.add_argument("--output", type=Path, help="write the input rows with the verdicts added (JSONL)")
+    batch = p.add_argument_group("a file of rows")
+    batch.add_argument("--input", type=Path,
+                       help="rows in the HaluBench schema: .jsonl, .json, .csv, .tsv, .parquet, a `datasets` folder, "
+                            "or a Hugging Face dataset id (owner/name[/split]) in the local hub cache")
+    batch.add_argument("--columns", metavar="OURS=THEIRS,...",
+                       help="the file's names for our columns, e.g. question=q,passage=ctx,answer=reply,label=verdict")
+    batch.add_argument("--output", type=Path,
+                       help="write the input rows with the verdicts added (JSONL; Parquet for a .parquet name)")
     batch.add_argument("--eval", action="store_true",
                        help="compute HaluBench-style metrics (rows need `label`) into --report-dir")
     batch.add_argument("--report-dir", type=Path,
@@ -106,59 +116,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--context-tokens must be >= 0 (0: the whole document)")
     if args.p_pass_threshold is not None and not 0 <= args.p_pass_threshold <= 1:
         p.error("--p-pass-threshold must be between 0 and 1")
+    try:
+        args.columns = parse_columns(args.columns)
+    except BadInput as e:
+        p.error(str(e))
     return args
-
-
-# --- input rows -----------------------------------------------------------------------------------------------------
-
-
-def validate_row(obj, require_label: bool) -> str | None:
-    """Why a parsed JSONL row cannot be judged, or None when it is fine."""
-    from lynx.evaluate import normalize_label
-
-    if not isinstance(obj, dict):
-        return f"expected a JSON object, got {type(obj).__name__}"
-    if obj.get("passage") is None and obj.get("context") is None:
-        return "missing 'passage' (or 'context')"
-    for key in ("question", "answer"):
-        if obj.get(key) is None:
-            return f"missing {key!r}"
-    for key in ("passage", "context", "question", "answer"):
-        if obj.get(key) is not None and not isinstance(obj[key], str):
-            return f"{key!r} must be a string, got {type(obj[key]).__name__}"
-    if obj.get("label") is not None:
-        try:
-            normalize_label(obj["label"])
-        except ValueError as e:
-            return str(e)
-    elif require_label:
-        return "missing 'label' (needed by --eval)"
-    return None
-
-
-def read_rows(path: Path, require_label: bool):
-    """(valid rows as (line number, object), bad rows as (line number, reason)). Blank lines are ignored."""
-    rows, bad = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad.append((lineno, f"invalid JSON ({e.msg} at column {e.colno})"))
-                continue
-            reason = validate_row(obj, require_label)
-            if reason:
-                bad.append((lineno, reason))
-            else:
-                rows.append((lineno, obj))
-    return rows, bad
-
-
-def row_example(obj: dict) -> tuple[str, str, str]:
-    context = obj["passage"] if obj.get("passage") is not None else obj["context"]
-    return obj["question"], context, obj["answer"]
 
 
 # --- main -----------------------------------------------------------------------------------------------------------
@@ -228,10 +190,11 @@ def run(args, rank: int, world: int, device) -> int:
 
     rows, bad = [], []
     if args.input is not None:
-        if not args.input.is_file():
-            print(f"error: input file not found: {args.input}", file=sys.stderr)
+        try:
+            rows, bad = read_rows(args.input, require_label=args.eval, columns=args.columns)
+        except (FileNotFoundError, BadInput) as e:
+            print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        rows, bad = read_rows(args.input, require_label=args.eval)
         if rank == 0:
             for lineno, reason in bad:
                 print(f"{args.input}:{lineno}: bad row: {reason}", file=sys.stderr)
@@ -274,10 +237,7 @@ def run(args, rank: int, world: int, device) -> int:
     judged = [row for _, row in sorted(pair for part in gathered for pair in part)]
 
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as f:
-            for row in judged:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_rows(judged, args.output)
     n_skipped = sum(1 for r in judged if r["skipped"])
     n_unparsed = sum(1 for r in judged if r["score"] is None and not r["skipped"])
     print(f"judged {len(judged) - n_skipped} rows in {elapsed:.1f}s ({len(judged) / elapsed:.2f} ex/s, "

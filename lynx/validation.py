@@ -2,12 +2,14 @@
 AUROC, every `eval.every_steps` optimizer steps, written into metrics.jsonl.
 
 Two kinds of rows, told apart by their keys:
-- chat rows (`messages`, or `prompt` + `response`): `eval_loss`, the mean next-token loss on the assistant turns;
-- HaluBench-schema rows (`passage`, `question`, `answer`, `label`): the judge prompt (the document through the
-  evidence selection the exported judge will use, `judge.context_tokens`) plus the forced fast-mode
-  prefix `{"REASONING": [], "SCORE": "`, one forward pass each; `eval_accuracy` (p_pass >= 0.5), `eval_auroc`, and
-  `eval_loss`, the loss of the verdict token itself: the cross-entropy of the label under p_pass (what the
-  verdict-only fine-tuning minimises at the score token, renormalised over PASS and FAIL).
+- chat rows (`messages`, or `prompt` + `response`; JSONL): `eval_loss`, the mean next-token loss on the assistant
+  turns;
+- HaluBench-schema rows (`passage` or `context`, `question`, `answer`, `label`; any format lynx.rows reads): the
+  judge prompt (the document through the evidence selection the exported judge will use, `judge.context_tokens`)
+  plus the forced fast-mode prefix `{"REASONING": [], "SCORE": "`, one forward pass each; `eval_accuracy`
+  (p_pass >= 0.5), `eval_auroc`, and `eval_loss`, the loss of the verdict token itself: the cross-entropy of the
+  label under p_pass (what the verdict-only fine-tuning minimises at the score token, renormalised over PASS and
+  FAIL).
 
 Rows are split across ranks; every rank runs the same number of forward passes (FSDP2's collectives pair them up),
 padding its share with a repeat of its last row whose result is dropped. One example per forward pass (no padding,
@@ -28,33 +30,32 @@ from lynx.context import select_evidence, token_counter
 from lynx.evaluate import auroc, normalize_label
 from lynx.prompt import judge_messages, truncate_document
 
-JUDGE_KEYS = ("passage", "question", "answer", "label")
+JUDGE_KEYS = ("question", "answer", "label")  # and `passage` or `context`
 
 
 def load_eval_rows(path: str, max_rows: int | None) -> tuple[str, list[dict]]:
-    """("judge", HaluBench rows) or ("chat", chat rows) from a JSONL file, the first max_rows of it."""
-    import json
+    """("judge", HaluBench rows) from any file lynx.rows reads, or ("chat", chat rows) from a JSONL file; the first
+    max_rows of it."""
     from pathlib import Path
 
-    path = Path(path)
-    if not path.is_file():
+    from lynx.rows import check_row, read_records, row_document
+
+    if not Path(path).exists():
         raise FileNotFoundError(f"eval.data: file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        first = next((json.loads(line) for line in f if line.strip()), None)
-    if first is None:
+    records, unreadable = read_records(path)
+    if not records and not unreadable:
         raise ValueError(f"eval.data: {path} has no rows")
+    first = records[0][1] if records else None
     if isinstance(first, dict) and all(k in first for k in JUDGE_KEYS):
+        if unreadable:
+            place, reason = unreadable[0]
+            raise ValueError(f"eval.data: {path}:{place}: {reason}")
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                missing = [k for k in JUDGE_KEYS if k not in row]
-                if missing:
-                    raise ValueError(f"eval.data: {path}:{lineno}: HaluBench row lacks {missing}")
-                row["label"] = normalize_label(row["label"])
-                rows.append(row)
+        for place, row in records:
+            problem = check_row(row, require_label=True)
+            if problem:
+                raise ValueError(f"eval.data: {path}:{place}: bad HaluBench row: {problem}")
+            rows.append({**row, "passage": row_document(row), "label": normalize_label(row["label"])})
         return "judge", rows[:max_rows] if max_rows else rows
     rows = sft_data.load_rows(path)
     return "chat", rows[:max_rows] if max_rows else rows

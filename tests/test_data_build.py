@@ -400,3 +400,109 @@ def test_train_contexts_mix_windows_selections_and_whole_passages_and_leave_val_
         with pytest.raises(ValueError, match="train contexts"):
             parse_train_contexts(bad)
     assert main(["build", "--out", str(tmp_path / "bad"), "--train-contexts", "select:x", "--no-token-stats"]) == 1
+
+
+# --- --source-file: a team's own QA records ---------------------------------------------------------------------
+
+
+def test_own_qa_file_builds_balanced_deterministic_splits_with_no_document_in_two(tmp_path):
+    from lynx.data.map import load_rows as map_rows
+    from lynx.data.source_file import SourceFile
+    from tests.test_data_sources import OWN_DOCUMENTS, own_domain_records
+
+    path = tmp_path / "handbook.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in own_domain_records()))
+    kwargs = dict(sources=(), source_files=[SourceFile.parse(str(path))], token_stats=False, log=lambda *a: None)
+    stats = build(tmp_path / "a", seed=17, **kwargs)
+    assert main(["build", "--out", str(tmp_path / "b"), "--seed", "17", "--sources", "none", "--source-file",
+                 str(path), "--no-token-stats"]) == 0
+    build(tmp_path / "c", seed=18, **kwargs)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "handbook.jsonl"]  # no staging left
+
+    assert stats["sources"] == ["handbook"] and stats["questions"]["handbook"]["kept"] == 40
+    rows = {s: read(tmp_path / "a" / f"halubench_{s}.jsonl") for s in SPLITS}
+    for split, split_rows in rows.items():
+        labels = Counter(r["label"] for r in split_rows)
+        assert split_rows and labels["PASS"] == labels["FAIL"], split
+        assert stats["examples"][split] == {"handbook": dict(sorted(labels.items()))}
+    splits_of_document = defaultdict(set)
+    for split, split_rows in rows.items():
+        for r in split_rows:
+            splits_of_document[r["passage"]].add(split)
+    assert len(splits_of_document) == 10 and all(len(s) == 1 for s in splits_of_document.values())
+
+    all_rows = [r for split_rows in rows.values() for r in split_rows]
+    gold = {r["question"]: r["answer"] for r in all_rows if r["label"] == "PASS"}
+    fails = {r["question"]: r["answer"] for r in all_rows if r["label"] == "FAIL"}
+    assert set(gold) == set(fails) and len(gold) == 40
+    assert all(normalize(fails[q]) != normalize(gold[q]) for q in gold)
+    # The first document's questions carry their own hallucinated answers: those are the FAIL answers.
+    for question, answer in OWN_DOCUMENTS[0][1]:
+        assert fails[question] == f"Not stated, but probably {answer.lower()} plus two"
+    types = stats["fail_types"]["handbook"]
+    assert types["hallucinated"] == 4 and sum(types.values()) == 40 and len(types) > 2  # perturbations applied
+    assert {r["source"] for r in map_rows(tmp_path / "a")} == {"handbook"}  # the data map covers it
+
+
+def test_source_files_alongside_shipped_sources_and_mapped_columns(tmp_path):
+    import csv
+
+    from tests.test_data_sources import own_domain_records
+
+    path = tmp_path / "handbook.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["doc", "q", "gold"])
+        w.writerows([[r["passage"], r["question"], r["answer"]] for r in own_domain_records()])
+    out = tmp_path / "out"
+    assert main(["build", "--out", str(out), "--sources", "halueval", "--max-per-source", "20", "--no-token-stats",
+                 "--source-file", f"{path}:hr", "--columns", "passage=doc,question=q,answer=gold"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["sources"] == ["halueval", "hr"]
+    assert {src for split in SPLITS for src in stats["examples"][split]} == {"halueval", "hr"}
+    assert stats["questions"]["hr"]["kept"] == 10  # --max-per-source 20 applies to every source
+
+
+def test_bad_source_files_fail_with_named_errors_and_write_nothing(tmp_path, capsys):
+    from tests.test_data_sources import own_domain_records
+    from tests.test_rows import bad_input_files
+
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in own_domain_records()))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stats.json").write_text("an earlier build\n")
+    (tmp_path / "bad").mkdir()
+    for bad, message in bad_input_files(tmp_path / "bad") + [(f"{good}:halueval", "the source name 'halueval' is taken")]:
+        # The good file loads first: the bad one fails the build half-way.
+        code = main(["build", "--out", str(out), "--sources", "halueval", "--max-per-source", "20",
+                     "--no-token-stats", "--source-file", str(good), "--source-file", str(bad)])
+        err = capsys.readouterr().err
+        assert code != 0 and message in err and str(bad).split(":")[0] in err, err
+        assert sorted(p.name for p in out.iterdir()) == ["stats.json"]
+        assert (out / "stats.json").read_text() == "an earlier build\n"
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+
+
+def test_a_build_that_fails_after_writing_its_files_leaves_out_as_it_was(tmp_path):
+    from lynx.data.source_file import SourceFile
+    from tests.test_data_sources import own_domain_records
+
+    path = tmp_path / "handbook.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in own_domain_records()))
+
+    def fail_at_the_summary(message):  # the summary is logged once every file is written
+        if message.startswith("examples per split"):
+            raise RuntimeError("interrupted")
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "stats.json").write_text("an earlier build\n")
+    for out in (tmp_path / "fresh", earlier):
+        with pytest.raises(RuntimeError, match="interrupted"):
+            build(out, sources=(), source_files=[SourceFile.parse(str(path))], token_stats=False,
+                  log=fail_at_the_summary)
+    assert not (tmp_path / "fresh").exists() and [p.name for p in earlier.iterdir()] == ["stats.json"]
+    assert (tmp_path / "earlier" / "stats.json").read_text() == "an earlier build\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "handbook.jsonl"]  # no staging folder left

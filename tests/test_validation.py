@@ -132,3 +132,19 @@ def test_the_exported_judge_carries_its_context_budget_and_fitted_threshold(tmp_
     judge = Judge(run_dir / "final", device="cpu", max_new_tokens=8)
     assert judge.settings["context_tokens"] == (256, "lynx.json")
     assert judge.p_pass_threshold == card["p_pass_threshold"]
+
+
+def test_eval_data_reads_any_format_lynx_rows_reads_and_names_a_bad_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lynx.validation import load_eval_rows
+
+    rows = halubench_rows(tmp_path / "val.jsonl")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "val.parquet")
+    assert load_eval_rows(str(tmp_path / "val.parquet"), None) == load_eval_rows(str(tmp_path / "val.jsonl"), None)
+    kind, got = load_eval_rows(str(tmp_path / "val.parquet"), 4)
+    assert kind == "judge" and [r["id"] for r in got] == ["0", "1", "2", "3"]
+    pq.write_table(pa.Table.from_pylist([rows[0], {**rows[1], "label": "maybe"}]), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad.parquet:row 1: bad HaluBench row: label must be PASS or FAIL"):
+        load_eval_rows(str(tmp_path / "bad.parquet"), None)

@@ -1,4 +1,5 @@
-"""python -m lynx.data build --out DIR --seed 17 [--sources ...]: build HaluBench-style PASS/FAIL data.
+"""python -m lynx.data build --out DIR --seed 17 [--sources ...] [--source-file my.jsonl[:NAME] ...]: build
+HaluBench-style PASS/FAIL data (from the shipped QA sources, your own QA records, or both).
 python -m lynx.data map DIR: draw a built dataset (DIR/map.html and DIR/map.png)."""
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ import sys
 import time
 
 from lynx.data.build import DEFAULT_FRACTIONS, build
+from lynx.data.source_file import SourceFile
 from lynx.data.sources import SOURCES
+from lynx.rows import parse_columns
 
 
 def main(argv=None) -> int:
@@ -22,8 +25,15 @@ def main(argv=None) -> int:
                     "byte-identical output.")
     b.add_argument("--out", required=True, help="output folder (created)")
     b.add_argument("--seed", type=int, default=17, help="seed for row order, perturbations and splits (default 17)")
-    b.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES), metavar="SOURCE",
-                   help=f"sources to use (default all: {' '.join(SOURCES)})")
+    b.add_argument("--sources", nargs="+", choices=[*SOURCES, "none"], default=list(SOURCES), metavar="SOURCE",
+                   help=f"shipped sources to use (default all: {' '.join(SOURCES)}; none: only --source-file)")
+    b.add_argument("--source-file", action="append", default=[], metavar="FILE[:NAME]",
+                   help="your own question / document / gold answer records (.jsonl, .json, .csv, .tsv, .parquet, a "
+                        "`datasets` folder or a hub dataset id in the local cache) as one more source, named NAME "
+                        "(default: the file's stem); repeatable. A `hallucinated_answer` column, or rows labelled FAIL "
+                        "for the same question and document, give the FAIL answers (perturbation is the fallback)")
+    b.add_argument("--columns", default=None, metavar="OURS=THEIRS,...",
+                   help="the --source-file columns' names for ours, e.g. question=q,passage=doc,answer=gold")
     b.add_argument("--max-per-source", type=int, default=None, metavar="N",
                    help="at most N examples (N/2 PASS + N/2 FAIL) per source, e.g. for a quick CPU demo")
     b.add_argument("--max-passage-chars", type=int, default=None, metavar="C",
@@ -70,6 +80,13 @@ def main(argv=None) -> int:
         print(f"wrote {html_path} and {png_path} in {time.perf_counter() - start:.1f}s")
         return 0
 
+    try:
+        columns = parse_columns(args.columns)
+        source_files = [SourceFile.parse(spec, columns) for spec in args.source_file]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    sources = [] if "none" in args.sources else args.sources
     perturber = None
     if args.perturb_model:
         from lynx.data.model_perturb import ModelPerturber
@@ -77,7 +94,7 @@ def main(argv=None) -> int:
         perturber = ModelPerturber.from_pretrained(args.perturb_model, max_new_tokens=args.perturb_max_new_tokens)
     start = time.perf_counter()
     try:
-        build(args.out, seed=args.seed, sources=args.sources, max_per_source=args.max_per_source,
+        build(args.out, seed=args.seed, sources=sources, source_files=source_files, max_per_source=args.max_per_source,
               max_passage_chars=args.max_passage_chars, fractions=tuple(args.split_fractions),
               raw_dir=args.raw_dir, token_stats=not args.no_token_stats, perturber=perturber,
               train_fail_variants=args.train_fail_variants, train_contexts=args.train_contexts)

@@ -35,7 +35,7 @@ import json
 import random
 import statistics
 from collections import Counter, defaultdict
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +44,7 @@ from tqdm import tqdm
 from lynx.data.perturb import Context, Edit, Perturbation, PerturbStats, perturb
 from lynx.data.reasoning import evidence_span, fail_reasoning, pass_reasoning, target
 from lynx.data.sources import SOURCES, Row, load_source
+from lynx.data.staging import write_through_staging
 from lynx.data.text import near_duplicate_clusters, normalize, passage_info
 from lynx.prompt import training_messages
 
@@ -170,9 +171,9 @@ def assign_splits(component_sizes: dict[str, int], fractions, seed: int) -> dict
     return out
 
 
-def _halueval_fail(row: Row, ctx: Context, rng: random.Random, stats: PerturbStats) -> Perturbation | None:
-    """One of HaluEval's own hallucinated answers (seeded pick); no-ops and other gold answers of the question are
-    rejected like any perturbation."""
+def _given_fail(row: Row, ctx: Context, rng: random.Random, stats: PerturbStats) -> Perturbation | None:
+    """One of the source's own hallucinated answers (HaluEval's, or a --source-file's; seeded pick), None when it
+    gives none; no-ops and other gold answers of the question are rejected like any perturbation."""
     answers = list(row.extra.get("hallucinated_answers", []))
     rng.shuffle(answers)
     golds = {normalize(g) for g in ctx.gold_answers}
@@ -227,13 +228,11 @@ def _example(row: Row, split: str, passage: str, answer: str, label: str, reason
 
 def extra_fail_answers(row: Row, ctx: Context, first: Perturbation, n: int, seed: int, perturber) -> list[Perturbation]:
     """Up to n more FAIL answers for a question, each different from the first and from each other (seeded draws of
-    the same perturber; HaluEval's unused hallucinated answers first). Fewer when the answer offers fewer."""
+    the same perturber; the source's unused hallucinated answers first). Fewer when the answer offers fewer."""
     seen, out = {normalize(first.answer)}, []
-    candidates = []
-    if row.source == "halueval":
-        golds = {normalize(g) for g in (row.gold_answer, *ctx.gold_answers)}
-        candidates = [Perturbation(a, "hallucinated", (Edit(0, row.gold_answer, a),))
-                      for a in row.extra.get("hallucinated_answers", []) if normalize(a) not in golds]
+    golds = {normalize(g) for g in (row.gold_answer, *ctx.gold_answers)}
+    candidates = [Perturbation(a, "hallucinated", (Edit(0, row.gold_answer, a),))
+                  for a in row.extra.get("hallucinated_answers", []) if normalize(a) not in golds]
     for attempt in range(4 * n):  # a few draws per wanted variant: some repeat an earlier answer
         if len(out) == n:
             break
@@ -278,10 +277,15 @@ def _token_stats(examples: list[dict]) -> tuple[dict | None, str]:
     return out, f"token lengths: Llama-3 tokenizer, conversations, sample of <= {TOKEN_SAMPLE_PER_SOURCE} per source"
 
 
-def build(out_dir, *, seed: int = 17, sources=SOURCES, max_per_source: int | None = None,
+@write_through_staging
+def build(out_dir, *, seed: int = 17, sources=SOURCES, source_files=(), max_per_source: int | None = None,
           max_passage_chars: int | None = None, fractions=DEFAULT_FRACTIONS, raw_dir=None, token_stats: bool = True,
           perturber: Callable | None = None, train_fail_variants: int = 1, train_contexts=None, log=print) -> dict:
-    """Build the dataset into `out_dir`; returns the statistics (also saved as stats.json).
+    """Build the dataset into `out_dir`; returns the statistics (also saved as stats.json). The files are written
+    into a temporary folder next to out_dir and moved into it at the end: a build that fails leaves out_dir as it was.
+
+    source_files: lynx.data.source_file.SourceFile objects, more sources alongside (or, with sources=(), instead of)
+    the shipped ones.
 
     max_per_source: at most this many examples (PASS + FAIL) per source, taken from the seeded row order.
     max_passage_chars: window passages longer than this around the answer evidence (for small CPU models).
@@ -305,9 +309,16 @@ def build(out_dir, *, seed: int = 17, sources=SOURCES, max_per_source: int | Non
     if max_passage_chars is not None and max_passage_chars < 200:
         raise ValueError("max_passage_chars below 200 would cut most answers' evidence")
     perturber = perturber or perturb
+    loaders = {name: partial(load_source, name, raw_dir) for name in sources}
+    for f in source_files:
+        if f.name in loaders:
+            raise ValueError(f"--source-file {f.path}: the source name {f.name!r} is taken; name it {f.path}:OTHER")
+        loaders[f.name] = f.load
+    if not loaders:
+        raise ValueError("no source: give shipped --sources, --source-file, or both")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats = {"seed": seed, "sources": list(sources), "max_per_source": max_per_source,
+    stats = {"seed": seed, "sources": list(loaders), "max_per_source": max_per_source,
              "max_passage_chars": max_passage_chars, "split_fractions": list(fractions),
              **({"train_fail_variants": train_fail_variants} if train_fail_variants > 1 else {}),
              **({"train_contexts": ",".join(map(format_train_context, train_contexts))} if train_contexts else {}),
@@ -315,8 +326,8 @@ def build(out_dir, *, seed: int = 17, sources=SOURCES, max_per_source: int | Non
     perturb_stats = PerturbStats()
     examples = []
     context_forms = Counter()
-    for source in sources:
-        rows, skipped = load_source(source, raw_dir)
+    for source, load in loaders.items():
+        rows, skipped = load()
         stats["loader_skipped"][source] = {"count": len(skipped), "rows": skipped[:20]}
         for message in skipped[:20]:
             log(f"skipped malformed row: {message}")
@@ -345,7 +356,7 @@ def build(out_dir, *, seed: int = 17, sources=SOURCES, max_per_source: int | Non
             others = tuple(a for rid, a in answers_by_group[row.group] if rid != row.id)
             golds = tuple(a for a in gold_answers[normalize(row.question)] if a != row.gold_answer)
             ctx = Context(row.question, passage, source=source, other_answers=others, gold_answers=golds)
-            p = _halueval_fail(row, ctx, rng, source_stats) if source == "halueval" else None
+            p = _given_fail(row, ctx, rng, source_stats)
             if p is None:
                 p = perturber(row.gold_answer, ctx, rng, stats=source_stats)
             if p is None:

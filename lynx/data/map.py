@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from lynx.prompt import format_prompt
+from lynx.rows import read_dicts, read_records
 
 # Only the start of a long passage enters the projection: whole COVID-QA papers (~25k characters, shared by dozens
 # of rows) would dominate both the time and the vocabulary.
@@ -58,21 +59,19 @@ def load_rows(folder) -> list[dict]:
         types = {}
         chat = folder / f"chat_{split}.jsonl"
         if chat.exists():
-            with open(chat, encoding="utf-8") as f:
-                for line in f:
-                    c = json.loads(line)
-                    types[c["id"]] = c["perturbation"]["type"] if c.get("perturbation") else NO_PERTURBATION
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                    rows.append({"id": r["id"], "split": split, "source": r["source_ds"], "label": r["label"],
-                                 "type": types.get(r["id"], NO_PERTURBATION if r["label"] == "PASS" else "unknown"),
-                                 "question": r["question"], "answer": r["answer"], "passage": r["passage"]})
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{lineno}: not a HaluBench row ({type(e).__name__}: {e})") from None
+            for c in read_dicts(chat):
+                types[c["id"]] = c["perturbation"]["type"] if c.get("perturbation") else NO_PERTURBATION
+        records, unreadable = read_records(path)
+        if unreadable:
+            place, reason = unreadable[0]
+            raise ValueError(f"{path}:{place}: not a HaluBench row ({reason})")
+        for place, r in records:
+            try:
+                rows.append({"id": r["id"], "split": split, "source": r["source_ds"], "label": r["label"],
+                             "type": types.get(r["id"], NO_PERTURBATION if r["label"] == "PASS" else "unknown"),
+                             "question": r["question"], "answer": r["answer"], "passage": r["passage"]})
+            except (KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{place}: not a HaluBench row ({type(e).__name__}: {e})") from None
     if not rows:
         raise FileNotFoundError(f"{folder} holds no built data (its halubench_*.jsonl files are empty)")
     return rows

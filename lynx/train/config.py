@@ -78,7 +78,7 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    data: str | None = None  # JSONL: chat rows (validation loss) or HaluBench rows (loss, fast-mode accuracy, AUROC)
+    data: str | None = None  # chat rows, JSONL (validation loss), or HaluBench rows in any format lynx.rows reads
     every_steps: int = 0  # evaluate every N optimizer steps and at the end (0: only at the end, when data is set)
     max_rows: int | None = None  # the first N rows of eval.data
 
