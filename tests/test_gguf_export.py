@@ -369,3 +369,31 @@ def test_help_says_which_tensors_keep_precision():
     assert done.returncode == 0
     for words in ("1-D tensors", "F32", "Q8_0", "llama-quantize", "--force", "f32|f16|bf16|q8_0|q4_0|q4_1"):
         assert words in done.stdout
+
+
+# --- the trainer's export -------------------------------------------------------------------------------------------
+
+
+def test_trainer_exports_gguf_next_to_final(small_vocab_folder, tmp_path):
+    """checkpoint.export_gguf writes <run_dir>/final-<type>.gguf from final/: one step at lr 0, so the f32 file is
+    the exported model exactly."""
+    from trainer_helpers import synthetic_examples, tiny_overrides
+
+    from lynx.config import ConfigError
+    from lynx.train import load_config, train
+
+    folder, _ = small_vocab_folder
+    overrides = tiny_overrides(tmp_path / "run", **{"model.init_from": str(folder), "model.tokenizer": str(folder),
+                                                    "max_steps": 1, "optim.lr": 0.0, "global_batch_size": 1,
+                                                    "checkpoint.export_gguf": "[q8_0, f32]"})
+    cfg = load_config(None, overrides)
+    assert cfg.checkpoint.export_gguf == ["q8_0", "f32"]
+    assert load_config(None, [*overrides, "checkpoint.export_gguf=q4_0"]).checkpoint.export_gguf == ["q4_0"]
+    with pytest.raises(ConfigError, match=r"checkpoint.export_gguf: \['q4_k_m'\].*llama-quantize"):
+        load_config(None, [*overrides, "checkpoint.export_gguf=q4_k_m"])
+    torch.set_num_threads(1)
+    train(cfg, examples=synthetic_examples(8))
+    run = tmp_path / "run"
+    assert tensor_types(run / "final-q8_0.gguf")["blk.0.attn_q.weight"] == Q.Q8_0
+    final = Llama.from_pretrained(run / "final")
+    assert torch.equal(logits(Llama.from_pretrained(run / "final-f32.gguf")), logits(final))

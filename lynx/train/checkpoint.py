@@ -98,3 +98,16 @@ def export_hf(model, tokenizer, path: Path, dtype: torch.dtype, max_shard_size: 
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
     dist.barrier()
+
+
+def export_gguf(final: Path, types: list[str]) -> list[Path]:
+    """GGUF files of the exported Hugging Face folder, next to it (<run_dir>/final-<type>.gguf), written by rank 0
+    from `final` (read back one tensor at a time), replacing older ones."""
+    from lynx.gguf_export import convert_to_gguf
+
+    written = [final.with_name(f"{final.name}-{t}.gguf") for t in types]
+    if dist.get_rank() == 0:
+        for type_name, path in zip(types, written):
+            convert_to_gguf(final, path, type_name, force=True)
+    dist.barrier()
+    return written
