@@ -1,9 +1,12 @@
-"""Checkpoint conversion.
+"""Checkpoint conversion, both ways between Hugging Face folders and llama.cpp GGUF files.
 
     python -m lynx.convert gguf IN.gguf OUT_DIR [--dtype float32|bfloat16]
+    python -m lynx.convert to-gguf DIR OUT.gguf [--type f32|f16|bf16|q8_0|q4_0|q4_1] [--force]
 
-writes a Hugging Face folder (config.json, generation_config.json, model.safetensors, tokenizer files) from a
-llama-architecture GGUF file; transformers' AutoModelForCausalLM / AutoTokenizer and lynx load it.
+`gguf` writes a Hugging Face folder (config.json, generation_config.json, model.safetensors, tokenizer files) from a
+llama-architecture GGUF file; transformers' AutoModelForCausalLM / AutoTokenizer and lynx load it. `to-gguf` writes a
+GGUF file of architecture llama from a Hugging Face Llama folder (ours, transformers', or one `gguf` converted), for
+llama.cpp, ollama or LM Studio.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: torch.dty
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lynx.gguf_export import GGUF_TYPES, convert_to_gguf
+
     parser = argparse.ArgumentParser(prog="python -m lynx.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
@@ -47,9 +52,30 @@ def main(argv: list[str] | None = None) -> int:
     from_gguf.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32",
                            help="dtype of the written weights (default float32: the dequantized values exactly; "
                                 "bfloat16 halves the size and rounds them)")
+    to_gguf = formats.add_parser(
+        "to-gguf", help="Hugging Face Llama folder -> llama.cpp GGUF file",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a GGUF file (architecture llama) from a Hugging Face Llama folder, as llama.cpp's "
+                    "convert_hf_to_gguf.py would: llama.cpp's tensor names and q/k row order, Llama-3.1 rope scaling "
+                    "as a rope_freqs tensor, no output.weight when the embeddings are tied, the tokenizer and chat "
+                    "template in the metadata.\n\n"
+                    "Tensor types: the 1-D tensors (norms, rope_freqs) stay F32 whatever --type says; the 2-D "
+                    "weights get --type. With q4_0 / q4_1 the output tensor (the token embedding when tied) is "
+                    "Q8_0, as llama-quantize keeps it at higher precision. A weight whose rows do not split into "
+                    "whole 32-value blocks falls back to F16.\n\n"
+                    "K-quants (Q4_K_M, the published Lynx type): write f16 or bf16 here, then run llama.cpp's "
+                    "`llama-quantize OUT.gguf OUT-Q4_K_M.gguf Q4_K_M`.")
+    to_gguf.add_argument("input", type=Path, metavar="DIR", help="Hugging Face Llama folder (with its tokenizer)")
+    to_gguf.add_argument("output", type=Path, metavar="OUT.gguf", help="the GGUF file to write")
+    to_gguf.add_argument("--type", default="f16", metavar="|".join(GGUF_TYPES),
+                         help="type of the 2-D weights (default f16)")
+    to_gguf.add_argument("--force", action="store_true", help="replace OUT.gguf if it exists")
     args = parser.parse_args(argv)
     try:
-        out = convert_gguf(args.input, args.output, dtype=DTYPES[args.dtype])
+        if args.format == "to-gguf":
+            out = convert_to_gguf(args.input, args.output, args.type, force=args.force)
+        else:
+            out = convert_gguf(args.input, args.output, dtype=DTYPES[args.dtype])
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 `gguf.quants` tensor by tensor straight into the model's preallocated tensors.
 
 What llama.cpp's convert_hf_to_gguf.py changes, and how it is undone here:
-- tensor names (token_embd, blk.N.attn_q, ...): mapped back to ours (GGUF_NAMES below);
+- tensor names (token_embd, blk.N.attn_q, ...): mapped back to ours (TOP_TENSORS, LAYER_TENSORS below);
 - the rows of attn_q and attn_k are permuted per head for llama.cpp's interleaved rotary layout: un-permuted, exactly
   as transformers' GGUF loader does, back to Hugging Face's rotate-half layout;
 - Llama-3.1 "llama3" rope scaling is not stored as metadata but as a tensor, rope_freqs.weight, of per-frequency
@@ -28,7 +28,8 @@ from lynx.checkpoint import CheckpointError, raise_mismatch
 from lynx.config import ConfigError, LlamaConfig
 
 ARCHITECTURE = "llama"
-ROPE_FREQS = "rope_freqs.weight"
+MODEL_TENSOR, TENSOR_NAMES = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
+ROPE_FREQS = TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight"
 
 # At most this many bytes of fp32 values are dequantized at a time (the only temporary memory besides the model).
 DEQUANT_CHUNK_BYTES = 2 * 2**20
@@ -38,27 +39,40 @@ class GGUFError(CheckpointError):
     """A GGUF file we cannot load faithfully; the message names the file and the culprit."""
 
 
+# Our parameter names -> llama.cpp's tensors, named as gguf.constants names them (token_embd, blk.{bid}.attn_q, ...).
+TOP_TENSORS = {
+    "embed_tokens.weight": MODEL_TENSOR.TOKEN_EMBD,
+    "head.norm.weight": MODEL_TENSOR.OUTPUT_NORM,
+    "head.lm_head.weight": MODEL_TENSOR.OUTPUT,
+}
+LAYER_TENSORS = {
+    "input_layernorm.weight": MODEL_TENSOR.ATTN_NORM,
+    "self_attn.q_proj.weight": MODEL_TENSOR.ATTN_Q,
+    "self_attn.k_proj.weight": MODEL_TENSOR.ATTN_K,
+    "self_attn.v_proj.weight": MODEL_TENSOR.ATTN_V,
+    "self_attn.o_proj.weight": MODEL_TENSOR.ATTN_OUT,
+    "post_attention_layernorm.weight": MODEL_TENSOR.FFN_NORM,
+    "mlp.gate_proj.weight": MODEL_TENSOR.FFN_GATE,
+    "mlp.up_proj.weight": MODEL_TENSOR.FFN_UP,
+    "mlp.down_proj.weight": MODEL_TENSOR.FFN_DOWN,
+}
+ROTARY_TENSORS = (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K)  # rows permuted by convert_hf_to_gguf.py (see below)
+
+
+def gguf_tensor(name: str) -> tuple[MODEL_TENSOR, str]:
+    """Our parameter name -> (llama.cpp's tensor kind, its tensor name), e.g. layers.3.self_attn.q_proj.weight ->
+    (ATTN_Q, "blk.3.attn_q.weight")."""
+    if name in TOP_TENSORS:
+        kind, bid = TOP_TENSORS[name], None
+    else:
+        _, bid, rest = name.split(".", 2)  # layers.N.<module>.weight
+        kind = LAYER_TENSORS[rest]
+    return kind, TENSOR_NAMES[kind].format(bid=bid) + ".weight"
+
+
 def gguf_name(name: str) -> str:
     """Our parameter name -> llama.cpp's tensor name."""
-    top = {"embed_tokens.weight": "token_embd.weight", "head.norm.weight": "output_norm.weight",
-           "head.lm_head.weight": "output.weight"}
-    if name in top:
-        return top[name]
-    _, layer, rest = name.split(".", 2)  # layers.N.<module>.weight
-    return f"blk.{layer}.{GGUF_LAYER_NAMES[rest]}"
-
-
-GGUF_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
+    return gguf_tensor(name)[1]
 
 
 # --- reading the file -----------------------------------------------------------------------------------------
@@ -226,11 +240,23 @@ def _dequantize(tensor, path, rows: slice = slice(None)) -> np.ndarray:
     return values if values.flags.writeable else values.copy()
 
 
-def _unpermute_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Undo convert_hf_to_gguf.py's per-head row permutation of attn_q/attn_k (whole heads only): llama.cpp orders a
-    head's rows (0, d/2, 1, d/2 + 1, ...) for its interleaved rotary pairs; ours are rotate-half pairs (i, i + d/2)."""
+def _rotary_rows(w, head_dim: int, to_gguf: bool):
+    """convert_hf_to_gguf.py's per-head row permutation of attn_q/attn_k (to_gguf) or its inverse (whole heads only):
+    llama.cpp orders a head's rows (0, d/2, 1, d/2 + 1, ...) for its interleaved rotary pairs; ours (Hugging Face's)
+    are rotate-half pairs (i, i + d/2). Works on torch tensors and numpy arrays alike."""
     rows, cols = w.shape
-    return w.reshape(rows // head_dim, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    halves = (2, head_dim // 2) if to_gguf else (head_dim // 2, 2)
+    return w.reshape(rows // head_dim, *halves, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def permute_rows(w, head_dim: int):
+    """Our q/k rows -> llama.cpp's (what the GGUF writer stores)."""
+    return _rotary_rows(w, head_dim, to_gguf=True)
+
+
+def _unpermute_rows(w, head_dim: int):
+    """llama.cpp's q/k rows -> ours (what loading undoes)."""
+    return _rotary_rows(w, head_dim, to_gguf=False)
 
 
 def _release_pages(data: np.memmap, offset: int, n_bytes: int) -> None:
@@ -315,7 +341,7 @@ def load_gguf_state_dict_into(model: torch.nn.Module, path: str | Path, *, tenso
 
         to_copy = tqdm(to_copy, desc="dequantizing GGUF tensors", unit="tensor")
     for name, target in to_copy:
-        permuted = name.endswith(("attn_q.weight", "attn_k.weight"))
+        permuted = gguf_tensor(wanted[name])[0] in ROTARY_TENSORS
         _copy_tensor(tensors[name], target, cfg.head_dim if permuted else None, path)
 
 

@@ -166,7 +166,7 @@ def _gguf_pre_tokenizer(pre: str):
 
 
 GGUF_PRE_TOKENIZERS = ("llama-bpe", "smollm")
-TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4  # llama.cpp's token types
+TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED, TOKEN_TYPE_UNUSED = 1, 3, 4, 5  # llama.cpp's types
 
 
 def _gguf_field(reader, key: str, default=None):
@@ -175,10 +175,8 @@ def _gguf_field(reader, key: str, default=None):
 
 
 def gguf_tokenizer_parts(path: str | Path) -> dict:
-    """The tokenizer stored in a GGUF file's metadata: {hf, chat_template, bos_token, eos_token, pad_token}.
-
-    Only byte-level BPE vocabularies (`tokenizer.ggml.model` "gpt2") with a pre-tokenizer of GGUF_PRE_TOKENIZERS;
-    anything else is a ValueError naming the file and the value."""
+    """The tokenizer stored in a GGUF file's metadata: {hf, chat_template, bos_token, eos_token, pad_token}
+    (see tokenizer_parts_from_gguf)."""
     from gguf import GGUFReader
 
     path = Path(path)
@@ -186,21 +184,31 @@ def gguf_tokenizer_parts(path: str | Path) -> dict:
         reader = GGUFReader(str(path))
     except Exception as e:  # gguf raises ValueError/struct.error/... on bad files
         raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
-    model = _gguf_field(reader, "tokenizer.ggml.model")
+    return tokenizer_parts_from_gguf(lambda key, default=None: _gguf_field(reader, key, default), str(path))
+
+
+def tokenizer_parts_from_gguf(field, source: str) -> dict:
+    """The tokenizer in GGUF metadata, `field(key, default)` giving each value (a file's reader, or the dict the
+    GGUF writer is about to write): {hf, chat_template, bos_token, eos_token, pad_token}.
+
+    Only byte-level BPE vocabularies (`tokenizer.ggml.model` "gpt2") with a pre-tokenizer of GGUF_PRE_TOKENIZERS;
+    anything else is a ValueError naming the source and the value."""
+    path = source
+    model = field("tokenizer.ggml.model")
     if model is None:
         raise ValueError(f"{path}: no tokenizer in the GGUF metadata (tokenizer.ggml.model is absent)")
     if model != "gpt2":
         raise ValueError(f"{path}: tokenizer.ggml.model is {model!r}; lynx reads byte-level BPE ('gpt2') only")
-    pre = _gguf_field(reader, "tokenizer.ggml.pre", "default")
+    pre = field("tokenizer.ggml.pre", "default")
     pre_tokenizer = _gguf_pre_tokenizer(pre)
     if pre_tokenizer is None:
         raise ValueError(f"{path}: tokenizer.ggml.pre is {pre!r}; supported: {', '.join(GGUF_PRE_TOKENIZERS)}")
-    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
-    merges = _gguf_field(reader, "tokenizer.ggml.merges")
+    tokens = field("tokenizer.ggml.tokens")
+    merges = field("tokenizer.ggml.merges")
     if tokens is None or merges is None:
         missing = [k for k, v in (("tokens", tokens), ("merges", merges)) if v is None]
         raise ValueError(f"{path}: GGUF tokenizer lacks tokenizer.ggml.{'/'.join(missing)}")
-    types = _gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
 
     hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
                                 merges=[tuple(m.split(" ", 1)) for m in merges],
@@ -213,11 +221,81 @@ def gguf_tokenizer_parts(path: str | Path) -> dict:
                    for t, kind in zip(tokens, types) if kind == TOKEN_TYPE_USER_DEFINED])
 
     def token(key):
-        i = _gguf_field(reader, f"tokenizer.ggml.{key}_token_id")
+        i = field(f"tokenizer.ggml.{key}_token_id")
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
-    return {"hf": hf, "chat_template": _gguf_field(reader, "tokenizer.chat_template"), "bos_token": token("bos"),
+    return {"hf": hf, "chat_template": field("tokenizer.chat_template"), "bos_token": token("bos"),
             "eos_token": token("eos"), "pad_token": token("padding")}
+
+
+# Text on which llama.cpp's pre-tokenizers differ (digit runs, contractions, spaces, newlines, non-Latin letters):
+# a checkpoint's pre-tokenizer that splits it as one of ours is that one.
+PRE_TOKENIZER_PROBE = ("Hello world! It's 2024: 1234567 apples, I'LL pay $3.50... don't  stop\n\n\t  Ünïcödé "
+                       "中文字符 🙂🙂 x=y+1;  \r\n end")
+
+
+def gguf_pre_name(hf: HFTokenizer) -> str | None:
+    """The GGUF `tokenizer.ggml.pre` name whose pre-tokenizer (as this module rebuilds it) splits
+    PRE_TOKENIZER_PROBE exactly as `hf`'s does; None when none does."""
+    if hf.pre_tokenizer is None:
+        return None
+    pieces = [piece for piece, _ in hf.pre_tokenizer.pre_tokenize_str(PRE_TOKENIZER_PROBE)]
+    for name in GGUF_PRE_TOKENIZERS:
+        if [piece for piece, _ in _gguf_pre_tokenizer(name).pre_tokenize_str(PRE_TOKENIZER_PROBE)] == pieces:
+            return name
+    return None
+
+
+def gguf_tokenizer_metadata(tokenizer: "Tokenizer", vocab_size: int) -> dict:
+    """The GGUF metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`) of `tokenizer` for a model of
+    `vocab_size` embedding rows, as llama.cpp's convert_hf_to_gguf.py writes a byte-level BPE: tokens in id order
+    (ids the tokenizer lacks become "[PAD<id>]" of type UNUSED), special added tokens CONTROL, other added tokens
+    USER_DEFINED, merges as "left right". The inverse of tokenizer_parts_from_gguf; a ValueError names what a GGUF
+    file cannot express (another model type, a normalizer, a pre-tokenizer llama.cpp has no name for, more tokens
+    than the model has rows)."""
+    hf, source = tokenizer.hf, tokenizer.source
+    spec = json.loads(hf.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ValueError(f"{source}: only byte-level BPE tokenizers can be written to GGUF (model "
+                         f"{model.get('type')!r}, decoder {(spec.get('decoder') or {}).get('type')!r})")
+    if spec.get("normalizer") is not None:
+        raise ValueError(f"{source}: the tokenizer has a normalizer ({spec['normalizer'].get('type')}), which "
+                         "llama.cpp's byte-level BPE does not apply")
+    pre = gguf_pre_name(hf)
+    if pre is None:
+        raise ValueError(f"{source}: the tokenizer's pre-tokenizer splits text like none of llama.cpp's "
+                         f"{', '.join(GGUF_PRE_TOKENIZERS)}")
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab_size}")
+    by_id = {i: t for t, i in hf.get_vocab(with_added_tokens=True).items()}
+    added = hf.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(TOKEN_TYPE_UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(TOKEN_TYPE_NORMAL if i not in added else
+                         TOKEN_TYPE_CONTROL if added[i].special else TOKEN_TYPE_USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    metadata = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+    }
+    for key, name in (("bos", tokenizer.bos_token), ("eos", tokenizer.eos_token), ("padding", tokenizer.pad_token)):
+        if name:
+            metadata[f"tokenizer.ggml.{key}_token_id"] = hf.token_to_id(name)
+    if tokenizer.bos_token:
+        # llama.cpp adds BOS to a prompt when this is true: when the tokenizer's own post-processor does (Llama-3).
+        metadata["tokenizer.ggml.add_bos_token"] = hf.encode("a").ids[:1] == [hf.token_to_id(tokenizer.bos_token)]
+    if tokenizer.exported_chat_template:
+        metadata["tokenizer.chat_template"] = tokenizer.exported_chat_template
+    return metadata
 
 
 def _raise_exception(message):
@@ -337,10 +415,15 @@ class Tokenizer:
         for key in ("bos_token", "eos_token", "pad_token"):
             if getattr(self, key):
                 config[key] = getattr(self, key)
-        template = self.chat_template or (None if self._no_template else CHAT_TEMPLATE)
-        if template:
-            config["chat_template"] = template
+        if self.exported_chat_template:
+            config["chat_template"] = self.exported_chat_template
         (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+    @property
+    def exported_chat_template(self) -> str | None:
+        """The template a saved checkpoint carries: the checkpoint's own, or the Llama-3 template for Meta's
+        built-in format (the same text for messages without special-token text in them)."""
+        return self.chat_template or (None if self._no_template else CHAT_TEMPLATE)
 
     # --- special tokens -----------------------------------------------------------------------------------------
 

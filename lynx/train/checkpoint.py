@@ -108,3 +108,16 @@ def write_judge_card(path: Path, card: dict) -> None:
     tmp = path / (CARD_FILE + ".tmp")
     tmp.write_text(json.dumps(card, indent=2) + "\n")
     tmp.replace(path / CARD_FILE)
+
+
+def export_gguf(final: Path, types: list[str]) -> list[Path]:
+    """GGUF files of the exported Hugging Face folder, next to it (<run_dir>/final-<type>.gguf), written by rank 0
+    from `final` (read back one tensor at a time), replacing older ones."""
+    from lynx.gguf_export import convert_to_gguf
+
+    written = [final.with_name(f"{final.name}-{t}.gguf") for t in types]
+    if dist.get_rank() == 0:
+        for type_name, path in zip(types, written):
+            convert_to_gguf(final, path, type_name, force=True)
+    dist.barrier()
+    return written

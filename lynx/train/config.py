@@ -73,6 +73,9 @@ class CheckpointConfig:
     keep_last: int = 2  # complete checkpoints kept
     export: bool = True  # export a Hugging Face checkpoint to <run_dir>/final at the end
     export_dtype: str = "bfloat16"
+    # GGUF files written next to final/ from it (<run_dir>/final-<type>.gguf): "q8_0", or a list of lynx.convert
+    # to-gguf types (f32, f16, bf16, q8_0, q4_0, q4_1)
+    export_gguf: list[str] = field(default_factory=list)
     max_shard_size: str = "5GB"
 
 
@@ -148,6 +151,9 @@ def _coerce(value, tp, key: str):
             if not isinstance(value, (list, tuple)) or len(value) != len(args):
                 raise ValueError(f"expected a list of {len(args)} values, got {value!r}")
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        if origin is list:
+            items = value if isinstance(value, (list, tuple)) else [value]  # one item may be given alone
+            return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items)]
         if tp is dict or origin is dict:
             if not isinstance(value, dict):
                 raise ValueError(f"expected a mapping, got {value!r}")
@@ -266,6 +272,14 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.parallel.activation_checkpointing not in parallel.AC_MODES:
         raise ConfigError(f"parallel.activation_checkpointing: {cfg.parallel.activation_checkpointing!r} "
                           f"(choose from {parallel.AC_MODES})")
+    from lynx.gguf_export import GGUF_TYPES
+
+    unknown = [t for t in cfg.checkpoint.export_gguf if t not in GGUF_TYPES]
+    if unknown:
+        raise ConfigError(f"checkpoint.export_gguf: {unknown} (choose from {list(GGUF_TYPES)}; K-quants come from "
+                          "llama.cpp's llama-quantize, see the README)")
+    if cfg.checkpoint.export_gguf and not cfg.checkpoint.export:
+        raise ConfigError("checkpoint.export_gguf needs checkpoint.export=true (the GGUF files are written from final/)")
     for key in ("parallel.param_dtype", "parallel.reduce_dtype", "checkpoint.export_dtype"):
         section, name = key.split(".")
         allowed = ["auto", *parallel.DTYPES] if key == "parallel.param_dtype" else list(parallel.DTYPES)

@@ -31,7 +31,7 @@ from lynx.distributed import all_reduce_sum, init_distributed
 from lynx.optim import build_optimizer, set_lr
 from lynx.runs import RunState, complete_checkpoints
 from lynx.train.build import build_model, load_tokenizer, tokenize_data
-from lynx.train.checkpoint import export_hf, load_checkpoint, save_checkpoint, write_judge_card
+from lynx.train.checkpoint import export_gguf, export_hf, load_checkpoint, save_checkpoint, write_judge_card
 from lynx.train.config import TrainConfig, config_help, config_yaml, load_config
 from lynx.train.metrics import MetricsLog, gpu_peak_flops, peak_memory_gib, step_flops
 
@@ -246,6 +246,7 @@ def _train(cfg: TrainConfig, examples, device, sft_data, run_state: RunState) ->
         export_hf(model, tokenizer, run_dir / "final", dtype, cfg.checkpoint.max_shard_size)
         if rank == 0:
             write_judge_card(run_dir / "final", judge_card(cfg, evaluator, stats, step, total_examples))
+        export_gguf(run_dir / "final", cfg.checkpoint.export_gguf)
     summary = {
         "steps": step, "total_steps": total_steps, "finished": finished, "skipped_steps": skipped,
         "final_loss": losses[-1] if losses else None, "tokens_per_s": total_tokens / total_time if total_time else None,
