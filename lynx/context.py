@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import Callable
 
 ELISION = "\n[...]\n"  # stands where the selection skipped text, so the judge sees that the document goes on
-DEFAULT_CHUNK_TOKENS = 64
+DEFAULT_CHUNK_TOKENS = 32  # about one sentence: finer than 64, and it kept the gold evidence as often or more at 96-192 tokens
 
 
 @dataclass(frozen=True)
