@@ -512,6 +512,12 @@ def main(argv=None) -> int:
         window_val = read_dicts(data_window / "halubench_val.jsonl")
         window_judged = {FINE_TUNED: read_dicts(out / "judge_window" / "judged.jsonl"),
                          "lexical baseline": baseline_rows(window_rows, window_val)["lexical"]}
+        speed = {name: json.loads((out / name / "report.json").read_text())["run"]["examples_per_s"]
+                 for name in ("judge_test", "judge_window")}
+        sections.append(
+            f"Judging speed of the fine-tuned judge (fast mode, this machine): whole passages with evidence selection "
+            f"{speed['judge_test']:.2f} rows/s, {demo['max_passage_chars']}-character windows "
+            f"{speed['judge_window']:.2f} rows/s ({speed['judge_test'] / speed['judge_window']:.2f}x).\n")
         sections.append(
             f"### Secondary: passages windowed to {demo['max_passage_chars']} characters\n\n"
             f"The old training-window view: {len(window_rows)} of the same test questions, each passage cut to "
