@@ -21,29 +21,19 @@ Here the logits only ever exist as one tile at a time, along one of two paths, p
   At SmolLM2's head (V=49,152, H=576; accumulator 113 MB) it runs; at Llama-3's 128,256 x 1,024 (525 MB) it does
   not, unless the output projection is frozen (no dW, no accumulator).
 
-Why the 4-matmul path exists (recompute in backward, Cut-Cross-Entropy style), decided by measurement on the 2-core
-AVX-512-BF16 CPU this project is developed on, at N=4096, H=1024, V=128256, bf16
-(benchmarks/bench_fused_linear_cross_entropy.py; numbers in its docstring):
-  - The 3-matmul path walks token chunks over the whole vocabulary, so dW has to be summed across chunks in a
-    [V, H] fp32 buffer: 525 MB here, next to the 262 MB bf16 dW itself, while plain torch peaks at ~3.0 GB above its
-    inputs and the target is 0.2x that. Its dW matmul also has only K = chunk tokens: 120 GFLOP/s at K=256 against
-    334 GFLOP/s at K=4096 (quiet machine).
-  - With vocab blocks outside, the final log-sum-exp must exist before any softmax, hence two passes and the extra
-    matmul - but each vocab block's dW comes out of one matmul over all tokens, written straight into the output,
-    and the only other buffers are one logits tile and dh's fp32 accumulator: ~0.4 GB peak here (0.13x naive).
-  - Given two passes anyway, running the second in backward costs training nothing, makes an evaluation forward a
-    single matmul, and holds no gradient buffer between forward and backward (while the network's activations are
-    alive too).
-The price is time: the loss is matmul-bound (>85% in matmuls with the compiled tile math) and does 4/3 of the
-matmul work of a 3-matmul method. Measured on the quiet 2-core CPU (2 threads): 11.9 s per forward + backward
-against 13.4 s naive, 11.7 s chunked-compiled and 9.5 s cut-cross-entropy; peak extra memory 0.37 GB against 3.0 /
-1.3 / 1.3 GB. Our 4.3 TFLOP in 11.9 s is already ~360 GFLOP/s: matching 9.5 s would take 455 GFLOP/s, and the
-fastest bf16 matmul measured on this CPU (the loss's own [4096, 1024] x [1024, 2048] tile) runs at 381.
-Why the 3-matmul path where it fits: with a small vocabulary and hidden size its accumulator is small, and the
-extra matmul made the 4-matmul path slower than plain torch. SmolLM2's head, N=4096, H=576, V=49152, bf16, on the
-same CPU but under load from other jobs (so ratios, not times; benchmarks/bench_fused_linear_cross_entropy.py
---smollm2): 3-matmul path (3 chunks of 1,366 tokens) 0.88x naive torch's time at 0.34x its peak extra memory
-(403 against 1,170 MB), cut-cross-entropy 0.75x at 0.39x; the 4-matmul path 1.22x at 0.10x.
+Why two paths:
+  - The 3-matmul path walks token chunks over the whole vocabulary, so with several chunks dW is summed in a [V, H]
+    fp32 buffer (525 MB at Llama-3's head, more than the bf16 dW itself), and its dW matmul has only K = chunk
+    tokens, which runs well below the matmul peak on CPU.
+  - With vocab blocks outside, the log-sum-exp must be complete before any softmax, hence two passes and the extra
+    matmul; but each block's dW comes from one matmul over all tokens straight into the output, and the only other
+    buffers are one logits tile and dh's fp32 accumulator. Given two passes, running the second in backward costs
+    training nothing, makes an evaluation forward a single matmul, and keeps no gradient buffer alive between
+    forward and backward. The price is 4/3 of the matmul work.
+  - Where the accumulator is small (a small vocabulary and hidden size, as SmolLM2's), the extra matmul is what
+    costs most, so the 3-matmul path is taken.
+  Measurements behind these choices (time and peak memory against plain torch and cut-cross-entropy, both heads)
+  are in docs/experiments.md and benchmarks/bench_fused_linear_cross_entropy.py.
 Ignored tokens are dropped before any matmul.
 
 Backends: "torch" is the pure-torch twin (the CPU path and the test oracle). "triton" runs the per-tile softmax /
