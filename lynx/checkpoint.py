@@ -137,15 +137,9 @@ def checkpoint_dtype(cfg: LlamaConfig) -> torch.dtype:
 
 
 def load_pretrained(cls, path: str | Path, *, dtype=None, device="cpu"):
-    """Build on the meta device, allocate once at the target dtype and device, fill tensor by tensor.
-
-    `path` is a Hugging Face checkpoint directory, or a llama.cpp GGUF file (`*.gguf`, see lynx.gguf; float32 unless
-    `dtype` is given)."""
+    """Build `cls` (lynx.model.Llama) on the meta device, allocate once at the target dtype and device, fill tensor
+    by tensor from the Hugging Face checkpoint directory `path` (GGUF files: lynx.gguf.load_gguf)."""
     path = Path(path)
-    if path.suffix.lower() == ".gguf" and not path.is_dir():
-        from lynx import gguf  # imports the gguf library only for GGUF files
-
-        return gguf.load_gguf(cls, path, dtype=dtype, device=device)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     cfg = LlamaConfig.from_json(path / "config.json")

@@ -186,7 +186,7 @@ def llama3_scaling_from_rope_freqs(factors: np.ndarray, cfg: LlamaConfig, path="
     two or more in-between frequencies (Llama-3.x have 3 to 7) give the parameters. Only the ratios old / low and
     old / high matter; low_freq_factor = 1 (Meta's value) makes original_max_position_embeddings the low-frequency
     boundary wavelength, as in Meta's configs."""
-    from lynx.model import rope_inv_freq
+    from lynx.rope import rope_inv_freq
 
     factors = np.asarray(factors, dtype=np.float64).reshape(-1)
     if factors.shape != (cfg.head_dim // 2,):

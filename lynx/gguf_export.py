@@ -72,7 +72,7 @@ def tensor_type(kind: MODEL_TENSOR, shape: tuple[int, ...], weights: Q, tied: bo
 def rope_freqs(cfg: LlamaConfig) -> np.ndarray | None:
     """rope_freqs.weight for Llama-3.1 scaling: the divisors that turn the unscaled frequencies into the model's
     (what lynx.gguf.llama3_scaling_from_rope_freqs reads back); None without scaling."""
-    from lynx.model import rope_inv_freq
+    from lynx.rope import rope_inv_freq
 
     if not cfg.rope_scaling:
         return None

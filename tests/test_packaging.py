@@ -50,3 +50,46 @@ def test_huggingface_kernels_is_the_kernels_package_when_installed():
     import kernels
 
     assert hasattr(kernels, "get_kernel"), f"{kernels.__file__} is not Hugging Face's kernels"
+
+
+def lynx_import_graph() -> dict[str, set[str]]:
+    """lynx module -> the lynx modules it imports, at module level or inside functions alike."""
+    import ast
+
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (REPO / "lynx").rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                # `from package import submodule` imports the submodule; `from module import name`, the module.
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                           for a in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_imports_between_lynx_modules_have_no_loop():
+    graph = lynx_import_graph()
+    assert {"lynx.model", "lynx.checkpoint", "lynx.gguf"} <= set(graph) and "lynx.rope" in graph["lynx.model"]
+    state = {}  # module -> "open" while on the current path, "done" after
+
+    def visit(module, path):
+        state[module] = "open"
+        for dep in sorted(graph[module]):
+            if state.get(dep) == "open":
+                raise AssertionError("import loop: " + " -> ".join(path[path.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    # The model is a leaf of the file readers: they take the class as an argument.
+    assert not graph["lynx.checkpoint"] & {"lynx.model", "lynx.gguf"} and "lynx.model" not in graph["lynx.gguf"]
