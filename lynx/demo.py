@@ -4,17 +4,18 @@
     python -m lynx.demo [--out runs/demo] [--config configs/demo-cpu.yaml] [--nproc 2]
 
 Stages, each the real command-line tool a user would run on GPUs (the demo only chains them):
-1. build PASS/FAIL data from the shipped QA sources (`python -m lynx.data build`), passages windowed around the
-   answer's evidence for training speed;
+1. build PASS/FAIL data from the shipped QA sources (`python -m lynx.data build --train-contexts ...`): training
+   rows show evidence selections and windows of their documents, validation and test rows whole passages;
 2. convert the base model's GGUF to a Hugging Face folder (`python -m lynx.convert gguf`);
 3. fine-tune it with `torchrun --nproc_per_node 2 train.py` (FSDP2 over gloo, loss on the assistant turn), evaluated
-   on validation rows during training (fast-mode accuracy and AUROC in metrics.jsonl);
-4. judge a stratified subset of the held-out test split with `judge.py --eval`: the fine-tuned judge, and the base
-   model zero-shot on the same prompt and mode; full mode (generated completion) and whole passages on smaller
-   subsets;
+   on whole-passage validation rows during training, read as the judge will read them (fast-mode accuracy, AUROC
+   and the verdict token's loss in metrics.jsonl); the export carries lynx.json (evidence budget, threshold);
+4. judge a stratified subset of the held-out test split, whole passages, with `judge.py --eval`: the fine-tuned
+   judge as its lynx.json says, and the base model zero-shot with the same evidence budget; then hand-written
+   contrast pairs (one fact changed), windowed passages and (optionally) full mode;
 5. write runs/demo/demo_report.md: the comparison table with the majority-class and lexical-overlap baselines
-   (fitted on the validation split), the paired-bootstrap gain over lexical, accuracy per source with intervals
-   (PNG), ROC curves (PNG) and the training curves (PNG).
+   (fitted on the validation split), the paired-bootstrap gains, AUROC per source, accuracy by prompt length and
+   by FAIL type, accuracy per source with intervals (PNG), ROC curves (PNG) and the training curves (PNG).
 
 The config's `demo:` section holds the demo's own options (see DEMO_DEFAULTS; flags override it); train.py gets the
 config without that section.
