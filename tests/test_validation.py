@@ -132,6 +132,10 @@ def test_the_exported_judge_carries_its_context_budget_and_fitted_threshold(tmp_
     judge = Judge(run_dir / "final", device="cpu", max_new_tokens=8)
     assert judge.settings["context_tokens"] == (256, "lynx.json")
     assert judge.p_pass_threshold == card["p_pass_threshold"]
+    # Relaunching the finished run exports again and validates again: the threshold is not lost.
+    train(cfg)
+    again = json.loads((run_dir / "final" / "lynx.json").read_text())
+    assert again["p_pass_threshold"] == card["p_pass_threshold"] is not None
 
 
 def test_eval_data_reads_any_format_lynx_rows_reads_and_names_a_bad_row(tmp_path):

@@ -241,6 +241,9 @@ def _train(cfg: TrainConfig, examples, device, sft_data, run_state: RunState) ->
         save_checkpoint(run_dir, step, model, optimizer, loader, {"skipped": skipped}, cfg.checkpoint.keep_last)
 
     finished = step >= total_steps
+    if finished and cfg.checkpoint.export and evaluator is not None and evaluator.kind == "judge" \
+            and evaluator.last_judged is None:
+        evaluator.run(model, device)  # a relaunch after the last step: lynx.json's threshold needs a validation
     if finished and cfg.checkpoint.export:
         dtype = parallel.dtype_from_name(cfg.checkpoint.export_dtype, "checkpoint.export_dtype")
         export_hf(model, tokenizer, run_dir / "final", dtype, cfg.checkpoint.max_shard_size)
