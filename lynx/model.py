@@ -115,12 +115,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.rope = apply_rope  # (x, cos, sin) -> rotated x; lynx.generate.compile_ropes puts in a fused one
 
     def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache: KVCache | None = None,
                 cache_positions: range | torch.Tensor | None = None, last_only: bool = False,
                 read_positions: torch.Tensor | None = None, kv_out: KVCache | None = None):
         B, T, _ = x.shape
-        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        k = self.rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if kv_out is not None:  # packed: every token's keys and values, flat, for generation to place in its rows
             kv_out.update(range(B * T), k.reshape(1, B * T, *k.shape[2:]), v.reshape(1, B * T, *v.shape[2:]))
@@ -128,7 +129,7 @@ class Attention(nn.Module):
             x, cos, sin = x[:, -1:], cos[:, -1:], sin[:, -1:]
         elif read_positions is not None:  # packed: these flat positions' queries only, as one row
             x, cos, sin = (t.reshape(1, B * T, t.shape[-1])[:, read_positions] for t in (x, cos, sin))
-        q = apply_rope(self.q_proj(x).view(*x.shape[:2], self.n_heads, self.head_dim), cos, sin)
+        q = self.rope(self.q_proj(x).view(*x.shape[:2], self.n_heads, self.head_dim), cos, sin)
         if kv_cache is not None and "cu_seqlens" in attn_kwargs:
             # Packed documents after a cached prefix: every segment also reads the cache's keys, and nothing is written.
             attn_kwargs = {**attn_kwargs, "prefix_kv": (kv_cache.k.transpose(1, 2), kv_cache.v.transpose(1, 2))}
