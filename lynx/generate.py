@@ -276,7 +276,7 @@ def run_generation(
     C = C if C >= MIN_SHARED_PREFIX else 0
     prefix_caches = None
     if C:  # the prefix once, in a one-row cache; its keys and values then fill every admitted row's first C slots
-        prefix_caches = model.new_kv_caches(1, C)
+        prefix_caches = model.new_kv_caches(1, C, zeroed=False)  # the prefix fills it
         model(torch.tensor([prompts[0][:C]], device=device), kv_caches=prefix_caches, last_logits_only=True)
 
     caches = model.new_kv_caches(B, total)
@@ -305,7 +305,7 @@ def run_generation(
         input_ids = torch.tensor([[t for o in own for t in o]], device=device)
         position_ids = torch.tensor([[C + i for o in own for i in range(len(o))]], device=device)
         cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
-        packed_caches = model.new_kv_caches(1, bounds[-1])
+        packed_caches = model.new_kv_caches(1, bounds[-1], zeroed=False)  # every slot written (packed_kv_out)
         logits = model(input_ids, position_ids=position_ids, attn_kwargs={"cu_seqlens": cu_seqlens},
                        kv_caches=prefix_caches, packed_kv_out=packed_caches,
                        logit_positions=cu_seqlens[1:].long() - 1)[0].float()

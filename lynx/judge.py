@@ -493,7 +493,7 @@ def prefix_kv_caches(model, seq, device) -> list | None:
     P = seq.prefix_len
     if not P:
         return None
-    caches = model.new_kv_caches(1, P, device=device)
+    caches = model.new_kv_caches(1, P, device=device, zeroed=False)  # the prefix fills it
     model(torch.tensor([seq.input_ids[:P]], device=device), kv_caches=caches,
           logit_positions=torch.tensor([P - 1], device=device))
     return caches

@@ -84,10 +84,12 @@ class KVCache:
     (lynx.attention's cached prefix; `Llama.forward`).
     """
 
-    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, *, dtype, device=None):
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, *, dtype, device=None,
+                 zeroed: bool = True):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        make = torch.zeros if zeroed else torch.empty  # empty: for a cache every slot of which is written first
+        self.k = make(shape, dtype=dtype, device=device)
+        self.v = make(shape, dtype=dtype, device=device)
 
     def update(self, positions: range | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         if isinstance(positions, torch.Tensor):
@@ -282,13 +284,16 @@ class Llama(nn.Module):
             h = h.reshape(1, B * T, -1)[:, logit_positions]
         return self.head(h, labels, reduction)
 
-    def new_kv_caches(self, batch_size: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
-        """One empty KVCache per layer, in the model's dtype and device unless given."""
+    def new_kv_caches(self, batch_size: int, max_len: int, dtype=None, device=None,
+                      zeroed: bool = True) -> list[KVCache]:
+        """One empty KVCache per layer, in the model's dtype and device unless given. zeroed=False leaves the memory
+        as allocated (faster), for caches whose every slot is written before it is read (masked slots of a decode
+        cache are read: their values must be finite)."""
         cfg = self.config
         dtype = dtype or self.embed_tokens.weight.dtype
         device = device or self.embed_tokens.weight.device
-        return [KVCache(batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype, device=device)
-                for _ in range(cfg.num_hidden_layers)]
+        return [KVCache(batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype, device=device,
+                        zeroed=zeroed) for _ in range(cfg.num_hidden_layers)]
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
