@@ -25,7 +25,9 @@ Sides (each gets the same ids; fast mode: the prompt followed by the forced pref
                    so the server schedules them; fast mode: one new token and its top --n-probs log-probabilities.
   llama-server     with --llama-server URL: a llama-server you started (e.g. built for your CPU, below) with
                    -np SLOTS, the same requests through its OpenAI-style /v1/completions; its slots are erased before
-                   each timed call. Name its GGUF in --llama-server-label.
+                   each timed call (that needs --slot-save-path; and --cache-ram 0, or the server keeps earlier
+                   prompts' keys and values in memory and the full-mode call reuses the fast-mode one's). Name its
+                   GGUF in --llama-server-label.
 
 The bf16 GGUF (--gguf-bf16 PATH; default: made once in the temp folder): `python -m lynx.convert to-gguf DIR OUT.gguf
 --type bf16` where lynx has it, else llama.cpp's `llama-quantize --allow-requantize Q4_1.gguf OUT.gguf BF16` (pass
@@ -36,7 +38,7 @@ A native llama.cpp for this CPU (outside the repository; ~12 minutes on 2 cores)
   pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
   cd llama_cpp_python-*/vendor/llama.cpp && cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
   cmake --build build -j2 --target llama-server llama-bench llama-quantize
-  build/bin/llama-server -m SMOLLM2.gguf -np 8 -c 65536 -t 2 --port 8089 &
+  build/bin/llama-server -m SMOLLM2.gguf -np 8 -c 65536 -t 2 --cache-ram 0 --slot-save-path /tmp/slots --port 8089 &
   python benchmarks/bench_judge_lengths.py --llama-server http://127.0.0.1:8089 --llama-server-label bf16-native
 
 Time: after one warm-up call per side and mode (on rows outside the measured ones), --repeats interleaved rounds,
@@ -114,6 +116,7 @@ class InProcessLlamaCpp:
         params.n_ctx = self.n_ctx
         params.cpuparams.n_threads = params.cpuparams_batch.n_threads = self.threads
         params.cache_prompt = True
+        params.cache_ram_mib = 0  # no prompt cache beyond the slots (as the server is run above)
         params.warmup = True
         self.server = x.Server(params)
 
@@ -166,12 +169,15 @@ def llama_fast(engine, prompts, score_ids, n_probs: int) -> list[float]:
 
 
 def llama_full(engine, prompts, max_new_tokens: int):
-    """(completion text per prompt, tokens generated, stop tokens included as llama.cpp counts them)."""
-    out = engine.complete({"prompt": prompts, "max_tokens": max_new_tokens, "temperature": 0, "cache_prompt": True})
-    texts = [""] * len(prompts)
+    """(completion text per prompt, tokens generated: each choice's tokens (its log-probabilities list them; the
+    usage field counts one prompt's only), and the stop token where one ended it, as the other sides count)."""
+    out = engine.complete({"prompt": prompts, "max_tokens": max_new_tokens, "temperature": 0, "cache_prompt": True,
+                           "n_probs": 1})
+    texts, generated = [""] * len(prompts), 0
     for choice in out["choices"]:
         texts[choice["index"]] = choice["text"]
-    return texts, out["usage"]["completion_tokens"]
+        generated += len(choice["logprobs"]["content"]) + (choice.get("finish_reason") == "stop")
+    return texts, generated
 
 
 # --- FLOPs ----------------------------------------------------------------------------------------------------------
@@ -355,6 +361,17 @@ def main(argv=None) -> int:
             timed_run(side, mode, warm_examples, warm_prompts)
 
     results = {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"judge_lengths-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+    def save(load_after=None):
+        path.write_text(json.dumps({"args": vars(args), "model_dir": str(model_dir), "peak_flops": peak,
+                                    "llama_cpp": {s: str(getattr(e, "gguf", args.llama_server))
+                                                  for s, e in engines.items()},
+                                    "load_average_before": load_before, "load_average_after": load_after,
+                                    "results": results}, indent=2) + "\n")
+
     for name, chosen_rows in chosen.items():
         if not chosen_rows:
             print(f"\nbucket {name}: no rows")
@@ -413,16 +430,11 @@ def main(argv=None) -> int:
                 else:
                     same = sum(x == y for x, y in zip(ours["texts"], outputs[side, mode]["texts"]))
                     print(f"         {side}: identical completions {same}/{len(ours['texts'])}")
+        save()  # after every bucket, so an interrupted run keeps what it measured
     load_after = load_average()
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; bf16 peak {peak / 1e9:.0f} GFLOP/s "
           "(MFU above: against the peak measured so far at each bucket)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"judge_lengths-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"args": vars(args), "model_dir": str(model_dir), "peak_flops": peak,
-                                "llama_cpp": {s: str(getattr(e, "gguf", args.llama_server)) for s, e in engines.items()},
-                                "load_average_before": load_before, "load_average_after": load_after,
-                                "results": results}, indent=2) + "\n")
+    save(load_after)
     print(f"wrote {path}")
     return 0
 
