@@ -280,10 +280,10 @@ def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
     The queries go in behind P rows of zeros, so that SDPA's top-left causal rule (query i sees keys 0..i) gives
     each real query the whole prefix and its own past; is_causal lets the CPU flash kernel skip the key blocks above
-    the diagonal, where `prefix_masked_attention` computes every [L, P + L] score and adds the mask to each. The zero rows cost
-    P^2 / 2 scores and are dropped. Per query the kernel sees the same keys in the same blocks as under the mask, and
-    the outputs are bit-identical to the masked call's (tested); for long segments (inference, L > P) it is about
-    1.5x faster at 2,048 tokens and more beyond: the masked work grows as L (P + L), this as L (P + L / 2)."""
+    the diagonal, where `prefix_masked_attention` computes every [L, P + L] score and adds the mask to each. The zero
+    rows cost P^2 / 2 scores and are dropped. Per query the kernel sees the same keys in the same blocks as under the
+    mask, and the outputs are bit-identical to the masked call's (tested); for long segments (inference, L > P) it is
+    about 1.5x faster at 2,048 tokens and more beyond: the masked work grows as L (P + L), this as L (P + L / 2)."""
     L, Hq, D = q.shape
     P = k.shape[2] - L
     padded = q.new_empty(1, Hq, P + L, D)

@@ -313,3 +313,19 @@ def test_fused_rope_is_the_eager_rotation_bit_for_bit(tmp_path):
     ids = torch.randint(3, 300, (2, 80), generator=g)
     with torch.no_grad():
         assert torch.equal(fused(ids), plain(ids))
+
+
+def test_a_failing_compile_leaves_the_rotary_embeddings_eager_with_a_warning(models, monkeypatch):
+    from lynx.generate import compile_ropes
+    from lynx.model import apply_rope
+
+    ours, _ = models
+    monkeypatch.setattr(generate_module, "can_prepack", lambda model: True)
+
+    def no_compiler(*args):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(generate_module, "compiled_rope", lambda: no_compiler)
+    with pytest.warns(UserWarning, match=r"torch.compile failed .*; the rotary embeddings stay eager"):
+        assert not compile_ropes(ours)
+    assert all(layer.self_attn.rope is apply_rope for layer in ours.layers)
