@@ -159,7 +159,8 @@ def main(argv=None) -> int:
 
     import lynx.judge as judge_module
     from lynx.config import fast_dtype
-    from lynx.demo import read_jsonl, stratified_subset
+    from lynx.demo import stratified_subset
+    from lynx.rows import read_dicts
     from lynx.judge import FAST_PACK_TOKENS, Judge
 
     transformers.logging.set_verbosity_error()
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
     if not rows_path.is_file():
         raise SystemExit(f"{rows_path} not found: build the data first, e.g. python -m lynx.data build --out "
                          f"{args.data} --seed 17 --max-passage-chars 300 --no-token-stats")
-    rows = stratified_subset(read_jsonl(rows_path), args.rows)[: args.rows]  # (at least one row of every group)
+    rows = stratified_subset(read_dicts(rows_path), args.rows)[: args.rows]  # (at least one row of every group)
     examples = [(r["question"], r["passage"], r["answer"]) for r in rows]
     warm = examples[: args.warmup_rows]
 

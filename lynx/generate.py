@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from lynx.model import MLP, Llama, RMSNorm, rms_norm
+from lynx.model import MLP, Llama, RMSNorm, apply_rope, rms_norm
 from lynx.sft_data import IGNORE_INDEX, Example, shared_prefix
 
 
@@ -150,6 +150,52 @@ def compile_rms_norms(model: Llama) -> bool:
     return True
 
 
+FUSED_ROPE_MIN_TOKENS = 64  # fewer (a decode step's rows): the eager rotation, cheaper than a compiled call
+
+
+class FusedRope:
+    """Inference-only stand-in for `lynx.model.apply_rope` on CPU: the same function through torch.compile with
+    inductor's emulate_precision_casts, so the fused loop rounds every intermediate to bf16 where eager does, and its
+    outputs are bit-identical to the eager rotation's (tested). Eager, the rotation is six passes over q and k (a
+    half negated, a concatenation, two products, a sum): ~10% of a 4,096-token judging pass. Inputs of fewer than
+    FUSED_ROPE_MIN_TOKENS positions take the eager function (a compiled call's overhead is larger there)."""
+
+    def __init__(self, compiled_fn):
+        self.compiled_fn = compiled_fn
+
+    def __call__(self, x, cos, sin):
+        if x.shape[0] * x.shape[1] < FUSED_ROPE_MIN_TOKENS:
+            return apply_rope(x, cos, sin)
+        return self.compiled_fn(x, cos, sin)
+
+
+@functools.cache  # one per process, as compiled_rms_norm
+def compiled_rope():
+    return torch.compile(apply_rope, dynamic=True, options={"emulate_precision_casts": True})
+
+
+@torch.no_grad()
+def compile_ropes(model: Llama) -> bool:
+    """Give every attention layer of a bf16 CPU inference model (where `can_prepack`) a FusedRope, in place, and
+    return True; False (model untouched) where that does not apply, or with a warning where torch.compile cannot
+    build its kernel (as compile_rms_norms). Outputs stay bit-identical."""
+    if not can_prepack(model):
+        return False
+    rope = FusedRope(compiled_rope())
+    cfg = model.config
+    try:  # build it now (one shape with more than a decode step's positions), as compile_rms_norms does
+        x = torch.ones(1, FUSED_ROPE_MIN_TOKENS, cfg.num_key_value_heads, cfg.head_dim, dtype=torch.bfloat16)
+        cos = torch.ones(1, FUSED_ROPE_MIN_TOKENS, cfg.head_dim, dtype=torch.bfloat16)
+        rope(x, cos, cos)
+    except Exception as e:  # noqa: BLE001 (inductor raises many kinds; any of them means: stay eager)
+        warnings.warn(f"lynx.generate.compile_ropes: torch.compile failed ({type(e).__name__}: {e}); the rotary "
+                      "embeddings stay eager (slower, same results)", stacklevel=2)
+        return False
+    for layer in model.layers:
+        layer.self_attn.rope = rope
+    return True
+
+
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth the extra forward pass
 PREFILL_TOKENS = 2048  # prompt tokens per prefill pass (as many as judging packs into a pass)
 
@@ -230,7 +276,7 @@ def run_generation(
     C = C if C >= MIN_SHARED_PREFIX else 0
     prefix_caches = None
     if C:  # the prefix once, in a one-row cache; its keys and values then fill every admitted row's first C slots
-        prefix_caches = model.new_kv_caches(1, C)
+        prefix_caches = model.new_kv_caches(1, C, zeroed=False)  # the prefix fills it
         model(torch.tensor([prompts[0][:C]], device=device), kv_caches=prefix_caches, last_logits_only=True)
 
     caches = model.new_kv_caches(B, total)
@@ -259,7 +305,7 @@ def run_generation(
         input_ids = torch.tensor([[t for o in own for t in o]], device=device)
         position_ids = torch.tensor([[C + i for o in own for i in range(len(o))]], device=device)
         cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
-        packed_caches = model.new_kv_caches(1, bounds[-1])
+        packed_caches = model.new_kv_caches(1, bounds[-1], zeroed=False)  # every slot written (packed_kv_out)
         logits = model(input_ids, position_ids=position_ids, attn_kwargs={"cu_seqlens": cu_seqlens},
                        kv_caches=prefix_caches, packed_kv_out=packed_caches,
                        logit_positions=cu_seqlens[1:].long() - 1)[0].float()

@@ -29,7 +29,7 @@ import torch
 from lynx.checkpoint import checkpoint_dtype
 from lynx.config import LlamaConfig, bf16_is_native
 from lynx.context import Selection, select_evidence, token_counter
-from lynx.generate import compile_rms_norms, prepack_linear_weights, run_generation
+from lynx.generate import compile_rms_norms, compile_ropes, prepack_linear_weights, run_generation
 from lynx.model import Llama
 from lynx.prompt import judge_messages, truncate_document
 from lynx.tokenizer import Tokenizer
@@ -356,6 +356,7 @@ class Judge:
         self.model = Llama.from_pretrained(self.model_dir, dtype=dtype, device=self.device).eval()
         prepack_linear_weights(self.model)  # bf16 on CPU: faster decode steps, same outputs
         compile_rms_norms(self.model)  # bf16 on CPU: the norms fused into one loop each
+        compile_ropes(self.model)  # bf16 on CPU: the rotary embeddings fused, same outputs
         self.tokenizer = tokenizer or load_tokenizer(self.model_dir)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
             raise ValueError(
@@ -492,7 +493,7 @@ def prefix_kv_caches(model, seq, device) -> list | None:
     P = seq.prefix_len
     if not P:
         return None
-    caches = model.new_kv_caches(1, P, device=device)
+    caches = model.new_kv_caches(1, P, device=device, zeroed=False)  # the prefix fills it
     model(torch.tensor([seq.input_ids[:P]], device=device), kv_caches=caches,
           logit_positions=torch.tensor([P - 1], device=device))
     return caches

@@ -51,10 +51,12 @@ class KVCache:
     (lynx.attention's cached prefix; `Llama.forward`).
     """
 
-    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, *, dtype, device=None):
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, *, dtype, device=None,
+                 zeroed: bool = True):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        make = torch.zeros if zeroed else torch.empty  # empty: for a cache every slot of which is written first
+        self.k = make(shape, dtype=dtype, device=device)
+        self.v = make(shape, dtype=dtype, device=device)
 
     def update(self, positions: range | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         if isinstance(positions, torch.Tensor):
@@ -82,12 +84,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.rope = apply_rope  # (x, cos, sin) -> rotated x; lynx.generate.compile_ropes puts in a fused one
 
     def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache: KVCache | None = None,
                 cache_positions: range | torch.Tensor | None = None, last_only: bool = False,
                 read_positions: torch.Tensor | None = None, kv_out: KVCache | None = None):
         B, T, _ = x.shape
-        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        k = self.rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if kv_out is not None:  # packed: every token's keys and values, flat, for generation to place in its rows
             kv_out.update(range(B * T), k.reshape(1, B * T, *k.shape[2:]), v.reshape(1, B * T, *v.shape[2:]))
@@ -95,7 +98,7 @@ class Attention(nn.Module):
             x, cos, sin = x[:, -1:], cos[:, -1:], sin[:, -1:]
         elif read_positions is not None:  # packed: these flat positions' queries only, as one row
             x, cos, sin = (t.reshape(1, B * T, t.shape[-1])[:, read_positions] for t in (x, cos, sin))
-        q = apply_rope(self.q_proj(x).view(*x.shape[:2], self.n_heads, self.head_dim), cos, sin)
+        q = self.rope(self.q_proj(x).view(*x.shape[:2], self.n_heads, self.head_dim), cos, sin)
         if kv_cache is not None and "cu_seqlens" in attn_kwargs:
             # Packed documents after a cached prefix: every segment also reads the cache's keys, and nothing is written.
             attn_kwargs = {**attn_kwargs, "prefix_kv": (kv_cache.k.transpose(1, 2), kv_cache.v.transpose(1, 2))}
@@ -248,13 +251,16 @@ class Llama(nn.Module):
             h = h.reshape(1, B * T, -1)[:, logit_positions]
         return self.head(h, labels, reduction)
 
-    def new_kv_caches(self, batch_size: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
-        """One empty KVCache per layer, in the model's dtype and device unless given."""
+    def new_kv_caches(self, batch_size: int, max_len: int, dtype=None, device=None,
+                      zeroed: bool = True) -> list[KVCache]:
+        """One empty KVCache per layer, in the model's dtype and device unless given. zeroed=False leaves the memory
+        as allocated (faster), for caches whose every slot is written before it is read (masked slots of a decode
+        cache are read: their values must be finite)."""
         cfg = self.config
         dtype = dtype or self.embed_tokens.weight.dtype
         device = device or self.embed_tokens.weight.device
-        return [KVCache(batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype, device=device)
-                for _ in range(cfg.num_hidden_layers)]
+        return [KVCache(batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype, device=device,
+                        zeroed=zeroed) for _ in range(cfg.num_hidden_layers)]
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):

@@ -285,3 +285,47 @@ def test_fp32_model_is_not_prepacked(models):
     ours, _ = models
     assert not prepack_linear_weights(ours)
     assert not any(isinstance(m, PrepackedLinear) for m in ours.modules())
+
+
+def test_fused_rope_is_the_eager_rotation_bit_for_bit(tmp_path):
+    """compile_ropes gives a bf16 CPU model's attention layers a compiled rotation that rounds as eager does: the
+    same bits for prefill-sized inputs (compiled) and decode steps (eager), and the same logits; fp32 models are left
+    as they are."""
+    from lynx.generate import FUSED_ROPE_MIN_TOKENS, FusedRope, compile_ropes
+    from lynx.model import apply_rope, rope_cos_sin
+
+    path = make_tiny_checkpoint(tmp_path / "tiny", seed=7)
+    assert not compile_ropes(Llama.from_pretrained(path, dtype=torch.float32))
+    plain = Llama.from_pretrained(path, dtype=torch.bfloat16).eval()
+    fused = Llama.from_pretrained(path, dtype=torch.bfloat16).eval()
+    if not compile_ropes(fused):  # no native bf16 here: nothing replaced
+        assert not can_prepack(fused) and all(layer.self_attn.rope is apply_rope for layer in fused.layers)
+        return
+    rope = fused.layers[0].self_attn.rope
+    assert isinstance(rope, FusedRope) and all(layer.self_attn.rope is rope for layer in fused.layers)
+    cfg = fused.config
+    g = torch.Generator().manual_seed(0)
+    for batch, length in ((1, 300), (3, 70), (8, 1)):
+        assert (batch * length >= FUSED_ROPE_MIN_TOKENS) == (length > 1)
+        x = (torch.randn(batch, length, cfg.num_attention_heads, cfg.head_dim, generator=g) * 4).bfloat16()
+        cos, sin = rope_cos_sin(cfg, torch.arange(length).expand(batch, length) + 17, torch.bfloat16)
+        assert torch.equal(rope(x, cos, sin), apply_rope(x, cos, sin))
+    ids = torch.randint(3, 300, (2, 80), generator=g)
+    with torch.no_grad():
+        assert torch.equal(fused(ids), plain(ids))
+
+
+def test_a_failing_compile_leaves_the_rotary_embeddings_eager_with_a_warning(models, monkeypatch):
+    from lynx.generate import compile_ropes
+    from lynx.model import apply_rope
+
+    ours, _ = models
+    monkeypatch.setattr(generate_module, "can_prepack", lambda model: True)
+
+    def no_compiler(*args):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(generate_module, "compiled_rope", lambda: no_compiler)
+    with pytest.warns(UserWarning, match=r"torch.compile failed .*; the rotary embeddings stay eager"):
+        assert not compile_ropes(ours)
+    assert all(layer.self_attn.rope is apply_rope for layer in ours.layers)

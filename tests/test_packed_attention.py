@@ -256,3 +256,44 @@ def test_loader_batches_through_the_model_equal_examples_alone(model):
     assert seen == len(loader.sequences)
     torch.testing.assert_close(total, alone, rtol=1e-5, atol=1e-4)
     assert total_targets == sum(sum(lbl != -100 for lbl in e.labels[1:]) for e in examples)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("prefix, length, kv_heads, group", [(170, 700, 3, 3), (40, 800, 2, 1), (300, 1000, 1, 4)])
+def test_causal_call_after_a_prefix_is_the_masked_call_bit_for_bit(dtype, prefix, length, kv_heads, group):
+    """Long segments after a prefix (inference) take the unmasked causal kernel behind zero query rows; it must give the
+    masked call's bits, as the threshold PREFIX_CAUSAL_MIN_QUERIES promises, and match fp32 attention."""
+    from lynx.attention import PREFIX_CAUSAL_MIN_QUERIES, prefix_causal_attention, prefix_masked_attention
+
+    assert min(prefix + length, group * length) >= PREFIX_CAUSAL_MIN_QUERIES
+    g = torch.Generator().manual_seed(prefix + length)
+    q = (torch.randn(length, kv_heads * group, 64, generator=g) * 3).to(dtype)
+    k, v = (torch.randn(1, kv_heads, prefix + length, 64, generator=g).to(dtype) for _ in range(2))
+    masked, causal = prefix_masked_attention(q, k, v), prefix_causal_attention(q, k, v)
+    assert torch.equal(causal, masked)
+    visible = torch.ones(length, prefix + length, dtype=torch.bool).tril(prefix)
+    ref = F.scaled_dot_product_attention(q.float().transpose(0, 1)[None], k.float().repeat_interleave(group, 1),
+                                         v.float().repeat_interleave(group, 1), attn_mask=visible)[0].transpose(0, 1)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(causal.float(), ref, rtol=tol, atol=tol)
+
+
+def test_long_segments_take_the_causal_call_in_inference_only(monkeypatch):
+    """segment_attention with a cached prefix and a shared in-row prefix: long segments go through
+    prefix_causal_attention under no_grad (same bits as with gradients, which keep the masked call), short ones not."""
+    causal = spy_on(monkeypatch, "prefix_causal_attention")
+    g = torch.Generator().manual_seed(0)
+    T, P = 1200, 100
+    bounds = [0, P, P + 900, P + 1000, T]  # the in-row prefix, a long segment, two short ones
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    q = torch.randn(1, T, 6, 64, generator=g).bfloat16()
+    k, v = (torch.randn(1, T, 2, 64, generator=g).bfloat16() for _ in range(2))
+    cached = tuple(torch.randn(1, 50, 2, 64, generator=g).bfloat16() for _ in range(2))
+    for kwargs in ({"prefix_len": P}, {"prefix_kv": cached}):
+        causal.clear()
+        with torch.no_grad():
+            fast = attention(q, k, v, cu_seqlens=cu, **kwargs)
+        assert len(causal) == 1 and causal[0][0].shape[0] == 900  # the long segment only
+        causal.clear()
+        masked = attention(*(t.clone().requires_grad_() for t in (q, k, v)), cu_seqlens=cu, **kwargs)
+        assert not causal and torch.equal(fast, masked.detach())
