@@ -14,9 +14,8 @@ LLAMA3_TOKENIZER_DIR = REPO / "lynx" / "assets" / "llama3"
 REFERENCE_PACKAGES = ("torch", "transformers", "accelerate", "gguf", "tokenizers", "tiktoken", "kernels", "xllamacpp")
 
 
-def pytest_report_header(config):
-    """The versions the references run at: CI installs their newest releases, so a failure that a new release brings
-    shows which one at the top of the log."""
+def reference_versions() -> str:
+    """The installed versions of the references the tests compare against."""
     from importlib.metadata import PackageNotFoundError, version
 
     def installed(name):
@@ -26,6 +25,19 @@ def pytest_report_header(config):
             return "not installed"
 
     return "references: " + ", ".join(f"{name} {installed(name)}" for name in REFERENCE_PACKAGES)
+
+
+# CI installs the references' newest releases, so a failure a new release brings must say which release ran. Written
+# through the terminal reporter, not pytest_report_header: the README's `pytest -q` hides the header.
+def pytest_sessionstart(session):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(reference_versions())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus):
+    if exitstatus != 0:
+        terminalreporter.write_line("failed with " + reference_versions())
 
 
 def make_tiny_hf_model(seed: int = 0, dtype=torch.float32, **overrides):
