@@ -132,6 +132,25 @@ def test_round_trip(small_vocab_folder, small_tokenizer, type_name, tmp_path):
     assert_same_tokenizer(path, small_tokenizer)
 
 
+def test_save_pretrained_chooses_the_format_by_the_path(small_vocab_folder, small_tokenizer, tmp_path):
+    """lynx.weights.save_pretrained: a .gguf path is one GGUF file carrying the tokenizer (the weights
+    convert_to_gguf writes), any other path a safetensors folder with the tokenizer files."""
+    from lynx import weights
+
+    folder, _ = small_vocab_folder
+    model = Llama.from_pretrained(folder)
+    weights.save_pretrained(model, tmp_path / "saved.gguf", tokenizer=small_tokenizer, gguf_type="q8_0")
+    converted = convert_to_gguf(folder, tmp_path / "converted.gguf", "q8_0", progress=False)
+    assert (tmp_path / "saved.gguf").is_file()
+    assert torch.equal(logits(Llama.from_pretrained(tmp_path / "saved.gguf")), logits(Llama.from_pretrained(converted)))
+    assert_same_tokenizer(tmp_path / "saved.gguf", small_tokenizer)
+    weights.save_pretrained(model, tmp_path / "saved", tokenizer=small_tokenizer)
+    assert torch.equal(logits(Llama.from_pretrained(tmp_path / "saved")), logits(model))
+    assert Tokenizer.from_pretrained(tmp_path / "saved").encode(TEXT) == small_tokenizer.encode(TEXT)
+    with pytest.raises(GGUFExportError, match="no tokenizer"):
+        model.save_pretrained(tmp_path / "model.gguf")
+
+
 def test_q_and_k_rows_are_llama_cpp_order(small_vocab_folder, tmp_path):
     """The file's attn_q / attn_k are convert_hf_to_gguf.py's permutation of the checkpoint's q_proj / k_proj."""
     folder, _ = small_vocab_folder
