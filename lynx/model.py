@@ -280,7 +280,8 @@ class Llama(nn.Module):
         return weights.load_pretrained(cls, path, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str | Path, *, max_shard_size: int | str = "5GB", dtype=None) -> None:
-        """A Hugging Face checkpoint directory (lynx.weights.save_pretrained)."""
+        """A Hugging Face checkpoint directory. A GGUF file carries its tokenizer too: lynx.weights.save_pretrained
+        with `tokenizer=` writes one."""
         from lynx import weights
 
         weights.save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
