@@ -26,7 +26,7 @@ def measure(folder: str, out: str, type_name: str) -> dict:
     """In a fresh subprocess: import, note RSS, export, note time and peak RSS."""
     import time
 
-    from lynx.gguf_export import convert_to_gguf
+    from lynx.convert import convert_to_gguf
 
     before = current_rss_mib()
     start = time.perf_counter()

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from lynx.checkpoint import CheckpointError
 from lynx.config import DTYPES, ConfigError
+from lynx.weights import CheckpointError, GGUFExportError
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
     """GGUF file -> Hugging Face folder; returns out_dir. Model and tokenizer are both read before anything is
     written, so a file we cannot fully convert leaves no folder behind."""
-    from lynx.gguf import load_gguf
     from lynx.model import Llama
     from lynx.tokenizer import Tokenizer
+    from lynx.weights.gguf_read import load_gguf
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     model = load_gguf(Llama, gguf_path, dtype=dtype, progress=True)
@@ -36,8 +36,33 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: torch.dty
     return out_dir
 
 
+def convert_to_gguf(folder: str | Path, path: str | Path, type_name: str, *, force: bool = False,
+                    progress: bool = True) -> Path:
+    """A Hugging Face Llama folder (config.json, safetensors, tokenizer) -> a GGUF file; returns its path."""
+    from lynx.model import Llama
+    from lynx.tokenizer import Tokenizer
+    from lynx.weights.gguf_write import gguf_type, write_gguf
+
+    folder, path = Path(folder), Path(path)
+    gguf_type(type_name)  # refuse a bad type or an existing output before reading anything
+    if path.exists() and not force:
+        raise GGUFExportError(f"{path} exists (pass --force to replace it)")
+    if not (folder / "config.json").is_file():
+        raise GGUFExportError(f"{folder} is not a Hugging Face Llama checkpoint: no config.json")
+    try:
+        model = Llama.from_pretrained(folder)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        raise GGUFExportError(f"{folder} is not a Llama checkpoint we can export: {e}") from None
+    try:
+        tokenizer = Tokenizer.from_pretrained(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise GGUFExportError(f"{folder}: no tokenizer we can read ({e})") from None
+    return write_gguf(model.state_dict(), model.config, tokenizer, path, type_name, name=folder.resolve().name,
+                      force=force, progress=progress)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from lynx.gguf_export import GGUF_TYPES, convert_to_gguf
+    from lynx.weights.gguf_write import GGUF_TYPES
 
     parser = argparse.ArgumentParser(prog="python -m lynx.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from lynx.checkpoint import checkpoint_dtype
 from lynx.config import LlamaConfig, bf16_is_native
 from lynx.context import Selection, select_evidence, token_counter
 from lynx.generate import compile_rms_norms, compile_ropes, prepack_linear_weights, run_generation
 from lynx.model import Llama
 from lynx.prompt import judge_messages, truncate_document
 from lynx.tokenizer import Tokenizer
+from lynx.weights.safetensors import checkpoint_dtype
 
 FAST_PREFIX = '{"REASONING": [], "SCORE": "'
 LONG_INPUT_POLICIES = ("truncate", "skip")

@@ -273,17 +273,15 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None, device="cpu") -> "Llama":
-        """A Hugging Face checkpoint directory (lynx.checkpoint) or a llama.cpp GGUF file (lynx.gguf; float32
-        unless `dtype` is given). The file readers take this class as an argument and never import this module."""
-        if Path(path).suffix.lower() == ".gguf" and not Path(path).is_dir():
-            from lynx import gguf  # imports the gguf library only for GGUF files
+        """A Hugging Face checkpoint directory or a llama.cpp GGUF file (float32 unless `dtype` is given), read by
+        lynx.weights, which takes this class as an argument and never imports this module."""
+        from lynx import weights
 
-            return gguf.load_gguf(cls, Path(path), dtype=dtype, device=device)
-        from lynx import checkpoint
-
-        return checkpoint.load_pretrained(cls, path, dtype=dtype, device=device)
+        return weights.load_pretrained(cls, path, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str | Path, *, max_shard_size: int | str = "5GB", dtype=None) -> None:
-        from lynx import checkpoint
+        """A Hugging Face checkpoint directory. A GGUF file carries its tokenizer too: lynx.weights.save_pretrained
+        with `tokenizer=` writes one."""
+        from lynx import weights
 
-        checkpoint.save_pretrained(self.state_dict(), self.config, path, max_shard_size=max_shard_size, dtype=dtype)
+        weights.save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)

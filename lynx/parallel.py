@@ -1,5 +1,5 @@
 """Parallelism applied from outside the model (as torchtitan does): FSDP2, activation checkpointing, compile, and
-loading weights straight into the sharded parameters.
+sharding-independent random init. (Loading a checkpoint straight into the sharded parameters: lynx.weights.sharded.)
 
 Sharding units: the embedding, each block, the output head (final norm + lm_head + loss), then the root. FSDP2
 gathers a unit's full weights only while that unit runs, so the fused loss, which reads `lm_head.weight` inside
@@ -8,8 +8,6 @@ gathers a unit's full weights only while that unit runs, so the fused loss, whic
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -17,7 +15,6 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from lynx import checkpoint
 from lynx.config import DTYPES, fast_dtype
 
 AC_MODES = ("none", "full", "every_k")
@@ -111,41 +108,9 @@ def local_slices(t: torch.Tensor) -> tuple[slice, ...]:
     return tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor itself when it is a plain one)."""
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _copy_local_rows(file: Path, name: str, target: torch.Tensor) -> None:
-    """Fill this rank's shard of `target` with only its rows of the checkpoint tensor (safetensors `get_slice` reads
-    just those bytes). A fresh handle per tensor: mapped pages stay resident until their handle closes."""
-    local = _local(target)
-    if local.numel():
-        with checkpoint._open(file) as f:
-            local.copy_(f.get_slice(name)[local_slices(target)])  # converts dtype
-
-
-@torch.no_grad()
-def load_hf_into_sharded(model: torch.nn.Module, path: str | Path) -> None:
-    """Fill the (sharded, materialised) parameters of `model` from a Hugging Face safetensors checkpoint, with the
-    strict checks of lynx.checkpoint. Each rank reads only the rows it owns, so no rank ever holds the whole model:
-    peak extra memory is one shard of one tensor."""
-    checkpoint.load_state_dict_into(model, path, copy_tensor=_copy_local_rows)
-
-
-@torch.no_grad()
-def load_gguf_into_sharded(model: torch.nn.Module, path: str | Path) -> None:
-    """Fill the sharded parameters of `model` from a GGUF file: every rank dequantizes the whole file (lynx.gguf, in
-    fp32) and keeps its rows. Fine for the small models a GGUF is fine-tuned from here; convert a large one once
-    with `python -m lynx.convert gguf` and train from the folder, which each rank reads only its rows of."""
-    from lynx.gguf import load_gguf
-    from lynx.model import Llama
-
-    full = load_gguf(Llama, path, dtype=torch.float32)
-    full_state = full.state_dict()
-    for name, t in model.state_dict().items():
-        local = _local(t)
-        if local.numel():
-            local.copy_(full_state[name][local_slices(t)])
 
 
 @torch.no_grad()
@@ -157,9 +122,9 @@ def init_random_sharded(model: torch.nn.Module, *, seed: int, std: float = 0.02)
     that are trained from scratch here."""
     for i, (name, t) in enumerate(model.state_dict().items()):
         if name.endswith("norm.weight"):
-            _local(t).fill_(1.0)
+            local_tensor(t).fill_(1.0)
             continue
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
         full = torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-        _local(t).copy_(full[local_slices(t)])
+        local_tensor(t).copy_(full[local_slices(t)])
 

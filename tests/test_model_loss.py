@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lynx.checkpoint import hf_name
+from lynx.weights.safetensors import hf_name
 from lynx.model import Llama
 from conftest import make_tiny_hf_model
 

@@ -62,6 +62,8 @@ def lynx_import_graph() -> dict[str, set[str]]:
     for name, path in modules.items():
         graph[name] = set()
         for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                raise AssertionError(f"{path}: relative import (the graph reads absolute imports only)")
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -93,3 +95,32 @@ def test_imports_between_lynx_modules_have_no_loop():
             visit(module, [module])
     # The model is a leaf of the file readers: they take the class as an argument.
     assert not graph["lynx.checkpoint"] & {"lynx.model", "lynx.gguf"} and "lynx.model" not in graph["lynx.gguf"]
+    # The model imports its own parts, and lynx.weights only inside from_pretrained / save_pretrained; nothing in
+    # lynx.weights reaches the model, directly or through another module.
+    assert graph["lynx.model"] <= {"lynx.config", "lynx.rope", "lynx.attention", "lynx.kernels", "lynx.weights"}
+    weights = [m for m in graph if m == "lynx.weights" or m.startswith("lynx.weights.")]
+    assert {"lynx.weights.safetensors", "lynx.weights.gguf_read", "lynx.weights.gguf_write"} <= set(weights)
+    for module in weights:
+        assert "lynx.model" not in reachable(graph, module), module
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_old_weights_import_paths_still_work():
+    """lynx.checkpoint, lynx.gguf and lynx.gguf_export moved into lynx.weights (and lynx.convert); the old names are
+    the same objects."""
+    from lynx import checkpoint, convert, gguf, gguf_export, weights
+    from lynx.weights import gguf_read, gguf_write, safetensors
+
+    assert checkpoint.CheckpointError is weights.CheckpointError and checkpoint.hf_name is safetensors.hf_name
+    assert checkpoint.load_pretrained is safetensors.load_safetensors
+    assert gguf.GGUFError is weights.GGUFError and gguf.read_gguf_config is gguf_read.read_gguf_config
+    assert gguf_export.convert_to_gguf is convert.convert_to_gguf and gguf_export.write_gguf is gguf_write.write_gguf

@@ -11,15 +11,18 @@ import torch.distributed as dist
 from lynx import parallel
 from lynx.config import ConfigError, LlamaConfig
 from lynx.train.config import TrainConfig
+from lynx.weights import sharded
 
 
 def build_model(cfg: TrainConfig, mesh, device: torch.device):
     """Build on the meta device, shard, allocate only this rank's shards, then fill them (checkpoint or random)."""
     model = shard_model(cfg, model_config(cfg), mesh, device)
     if cfg.model.init_from is not None and Path(cfg.model.init_from).suffix == ".gguf":
-        parallel.load_gguf_into_sharded(model, cfg.model.init_from)
+        from lynx.model import Llama
+
+        sharded.load_gguf_into_sharded(model, cfg.model.init_from, model_class=Llama)
     elif cfg.model.init_from is not None:
-        parallel.load_hf_into_sharded(model, cfg.model.init_from)
+        sharded.load_hf_into_sharded(model, cfg.model.init_from)
     else:
         parallel.init_random_sharded(model, seed=cfg.seed, std=cfg.model.init_std)
     return model
@@ -31,7 +34,7 @@ def model_config(cfg: TrainConfig) -> LlamaConfig:
         return LlamaConfig.from_hf_dict(cfg.model.config, source="model.config")
     path = Path(cfg.model.init_from)
     if path.suffix == ".gguf":
-        from lynx.gguf import read_gguf_config
+        from lynx.weights.gguf_read import read_gguf_config
 
         if not path.is_file():
             raise FileNotFoundError(f"model.init_from: GGUF file not found: {path}")

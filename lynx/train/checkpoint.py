@@ -84,7 +84,7 @@ def load_checkpoint(path: Path, model, optimizer, loader) -> dict:
 def export_hf(model, tokenizer, path: Path, dtype: torch.dtype, max_shard_size: str) -> None:
     """Gather the full weights tensor by tensor (cast to `dtype` as they arrive, kept on rank 0's CPU only) and
     write a Hugging Face checkpoint with the tokenizer files. Peak on rank 0: the exported model in `dtype`."""
-    from lynx import checkpoint
+    from lynx.weights.safetensors import save_safetensors
 
     rank = dist.get_rank()
     full = {}
@@ -94,7 +94,7 @@ def export_hf(model, tokenizer, path: Path, dtype: torch.dtype, max_shard_size: 
             full[name] = t.to(dtype).cpu()
         del t
     if rank == 0:
-        checkpoint.save_pretrained(full, model.config, path, max_shard_size=max_shard_size)
+        save_safetensors(full, model.config, path, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
     dist.barrier()
@@ -113,7 +113,7 @@ def write_judge_card(path: Path, card: dict) -> None:
 def export_gguf(final: Path, types: list[str]) -> list[Path]:
     """GGUF files of the exported Hugging Face folder, next to it (<run_dir>/final-<type>.gguf), written by rank 0
     from `final` (read back one tensor at a time), replacing older ones."""
-    from lynx.gguf_export import convert_to_gguf
+    from lynx.convert import convert_to_gguf
 
     written = [final.with_name(f"{final.name}-{t}.gguf") for t in types]
     if dist.get_rank() == 0:

@@ -272,7 +272,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.parallel.activation_checkpointing not in parallel.AC_MODES:
         raise ConfigError(f"parallel.activation_checkpointing: {cfg.parallel.activation_checkpointing!r} "
                           f"(choose from {parallel.AC_MODES})")
-    from lynx.gguf_export import GGUF_TYPES
+    from lynx.weights.gguf_write import GGUF_TYPES
 
     unknown = [t for t in cfg.checkpoint.export_gguf if t not in GGUF_TYPES]
     if unknown:
