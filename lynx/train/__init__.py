@@ -5,8 +5,9 @@
     setup.py       all of them for one run, and where it resumes (setup), the evaluator
     checkpoint.py  sharded training checkpoints (resume) and the Hugging Face export
     metrics.py     metrics.jsonl, MFU, W&B / TensorBoard
+    run_state.py   <run_dir>/state.json (running, finished, failed, ...), which python -m lynx.runs shows
     loop.py        one optimizer step (train_step) and the loop (train), the command line (main)
-Process groups are set up by lynx.distributed (shared with judge.py); run state for python -m lynx.runs by lynx.runs.
+Process groups are set up by lynx.distributed (shared with judge.py).
 """
 
 from lynx.config import ConfigError

@@ -27,10 +27,10 @@ from lynx import parallel
 from lynx.config import ConfigError
 from lynx.distributed import all_reduce_sum, init_distributed
 from lynx.optim import set_lr
-from lynx.runs import RunState
 from lynx.train.checkpoint import export_gguf, export_hf, save_checkpoint, write_judge_card
 from lynx.train.config import TrainConfig, config_help, load_config
 from lynx.train.metrics import MetricsLog, gpu_peak_flops, peak_memory_gib, step_flops
+from lynx.train.run_state import RunState
 from lynx.train.setup import TrainSetup, build_evaluator, setup
 
 
@@ -105,7 +105,7 @@ def train(cfg: TrainConfig, *, examples=None) -> dict:
     is needed unless model.tokenizer is set)."""
     device, owns_group = init_distributed()
     try:
-        # state.json: running, then finished / paused / failed / stopped (see lynx/runs.py, python -m lynx.runs).
+        # state.json: running, then finished / paused / failed / stopped (read by python -m lynx.runs).
         with RunState(cfg.run_dir, enabled=dist.get_rank() == 0, world_size=dist.get_world_size()) as run_state:
             run = setup(cfg, device, examples)
             run_state.update(step=run.step, total_steps=run.total_steps, stop_at=run.stop_at)
