@@ -5,6 +5,7 @@
     setup.py       all of them for one run, and where it resumes (setup), the evaluator
     checkpoint.py  sharded training checkpoints (resume) and the Hugging Face export
     metrics.py     metrics.jsonl, MFU, W&B / TensorBoard
+    validation.py  evaluation during training (eval.data): validation loss, judge accuracy and AUROC
     run_state.py   <run_dir>/state.json (running, finished, failed, ...), which python -m lynx.runs shows
     loop.py        one optimizer step (train_step) and the loop (train), the command line (main)
 Process groups are set up by lynx.distributed (shared with judge.py).

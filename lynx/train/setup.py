@@ -105,7 +105,7 @@ def build_evaluator(cfg: TrainConfig, tokenizer, rank: int, world: int):
     """The evaluator of eval.data (None when unset), its rows tokenized once here."""
     if cfg.eval.data is None:
         return None
-    from lynx.validation import Evaluator
+    from lynx.train.validation import Evaluator
 
     if tokenizer is None:
         raise ConfigError("eval.data needs a tokenizer (model.tokenizer or model.init_from)")
