@@ -27,8 +27,9 @@ import torch.distributed as dist
 
 from lynx import sft_data
 from lynx.context import select_evidence, token_counter
-from lynx.evaluate import auroc, normalize_label
+from lynx.evaluate import auroc
 from lynx.prompt import judge_messages, truncate_document
+from lynx.rows import check_rows, normalize_label, read_records, row_document
 
 JUDGE_KEYS = ("question", "answer", "label")  # and `passage` or `context`
 
@@ -38,8 +39,6 @@ def load_eval_rows(path: str, max_rows: int | None) -> tuple[str, list[dict]]:
     max_rows of it."""
     from pathlib import Path
 
-    from lynx.rows import check_row, read_records, row_document
-
     if not Path(path).exists():
         raise FileNotFoundError(f"eval.data: file not found: {path}")
     records, unreadable = read_records(path)
@@ -47,15 +46,11 @@ def load_eval_rows(path: str, max_rows: int | None) -> tuple[str, list[dict]]:
         raise ValueError(f"eval.data: {path} has no rows")
     first = records[0][1] if records else None
     if isinstance(first, dict) and all(k in first for k in JUDGE_KEYS):
-        if unreadable:
-            place, reason = unreadable[0]
-            raise ValueError(f"eval.data: {path}:{place}: {reason}")
-        rows = []
-        for place, row in records:
-            problem = check_row(row, require_label=True)
-            if problem:
-                raise ValueError(f"eval.data: {path}:{place}: bad HaluBench row: {problem}")
-            rows.append({**row, "passage": row_document(row), "label": normalize_label(row["label"])})
+        checked, bad = check_rows(path, records, unreadable, require_label=True)
+        if bad:
+            place, reason = bad[0]
+            raise ValueError(f"eval.data: {path}:{place}: bad HaluBench row: {reason}")
+        rows = [{**row, "passage": row_document(row), "label": normalize_label(row["label"])} for _, row in checked]
         return "judge", rows[:max_rows] if max_rows else rows
     rows = sft_data.load_rows(path)
     return "chat", rows[:max_rows] if max_rows else rows
