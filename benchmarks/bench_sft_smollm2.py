@@ -150,7 +150,8 @@ def prepare_batches(args, cfg, model_dir: Path, nproc: int) -> dict:
         ranks.append({"lynx": lynx_batches, "hf": hf_batches, "sequences": layout})
     n_target = sum(b["num_target_tokens"] for r in ranks for b in r["lynx"])
     return {"ranks": ranks, "n_target": n_target, "pad_id": tokenizer.pad_id,
-            "prefix_len": loader.sequences[0].prefix_len, "tokenize": str(stats), "packed_sequences": len(loader.sequences)}
+            "prefix_len": loader.sequences[0].prefix_len, "tokenize": str(stats),
+            "packed_sequences": len(loader.sequences)}
 
 
 def workload_summary(batch: dict, model_cfg, cfg) -> dict:

@@ -63,7 +63,8 @@ def load_rows(folder) -> list[dict]:
                 types[c["id"]] = c["perturbation"]["type"] if c.get("perturbation") else NO_PERTURBATION
         checked, bad = read_rows(path, require_label=True)
         # Built rows also carry the id and source the map shows (the judge's checks do not need them).
-        bad += [(place, f"missing {key!r}") for place, r in checked for key in ("id", "source_ds") if r.get(key) is None]
+        bad += [(place, f"missing {key!r}") for place, r in checked for key in ("id", "source_ds")
+                if r.get(key) is None]
         if bad:
             place, reason = bad[0]
             raise ValueError(f"{path}:{place}: not a HaluBench row ({reason})")
