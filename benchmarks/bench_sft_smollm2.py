@@ -120,7 +120,10 @@ def prepare_batches(args, cfg, model_dir: Path, nproc: int) -> dict:
     """The first optimizer step of the demo's loader, per rank: lynx's collated micro-batches and, for
     transformers, each micro-batch's examples as tokenized (with their own prefix copy)."""
     from lynx import sft_data
+    from lynx.config import ConfigError
     from lynx.tokenizer import Tokenizer
+    from lynx.train.build import build_loader
+    from lynx.train.config import grad_accum_steps
 
     tokenizer = Tokenizer.from_pretrained(model_dir)
     rows = sft_data.load_rows(cfg.data.train)[: args.rows or None]
@@ -128,19 +131,13 @@ def prepare_batches(args, cfg, model_dir: Path, nproc: int) -> dict:
         tokenizer, rows, max_seq_len=cfg.data.max_seq_len, overflow=cfg.data.overflow,
         train_on_inputs=cfg.data.train_on_inputs, group_key=cfg.data.pack_group_key)
     full = list(examples)
-    if not cfg.data.pack:
-        examples = [sft_data.pack([e], cfg.data.max_seq_len)[0] for e in examples]
-    prefix = sft_data.shared_prefix(examples) if cfg.data.shared_prefix else None
-    per_step = cfg.data.micro_batch_size * nproc
-    if cfg.global_batch_size % per_step:
-        raise SystemExit(f"global batch {cfg.global_batch_size} is not a multiple of micro-batch x processes = "
-                         f"{cfg.data.micro_batch_size} x {nproc}")
+    try:
+        grad_accum = grad_accum_steps(cfg, nproc)
+    except ConfigError as e:
+        raise SystemExit(f"{e} (the world size is --nproc)") from None
     ranks = []
     for rank in range(nproc):
-        loader = sft_data.PackedLoader(
-            examples, seq_len=cfg.data.max_seq_len, micro_batch_size=cfg.data.micro_batch_size, rank=rank,
-            world_size=nproc, seed=cfg.seed, drop_last=cfg.data.drop_last, grad_accum=cfg.global_batch_size // per_step,
-            pad_id=tokenizer.pad_id, prefix=prefix)
+        loader = build_loader(cfg, examples, pad_id=tokenizer.pad_id, grad_accum=grad_accum, rank=rank, world=nproc)
         lynx_batches, hf_batches, layout = [], [], []
         for position in range(loader.grad_accum):  # the micro-batches of step 0 on this rank, as _take makes them
             indices = loader.micro_batch_indices(0, position)
@@ -153,7 +150,8 @@ def prepare_batches(args, cfg, model_dir: Path, nproc: int) -> dict:
         ranks.append({"lynx": lynx_batches, "hf": hf_batches, "sequences": layout})
     n_target = sum(b["num_target_tokens"] for r in ranks for b in r["lynx"])
     return {"ranks": ranks, "n_target": n_target, "pad_id": tokenizer.pad_id,
-            "prefix_len": len(prefix or []), "tokenize": str(stats), "packed_sequences": len(loader.sequences)}
+            "prefix_len": loader.sequences[0].prefix_len, "tokenize": str(stats),
+            "packed_sequences": len(loader.sequences)}
 
 
 def workload_summary(batch: dict, model_cfg, cfg) -> dict:
@@ -261,9 +259,8 @@ def worker_lynx(args) -> None:
 
     from lynx import parallel
     from lynx.distributed import init_distributed
-    from lynx.optim import build_optimizer
     from lynx.train import train_step
-    from lynx.train.build import build_model
+    from lynx.train.build import build_model, build_optimizer
 
     cfg = load_train_config(args.config_file)
     device, owns = init_distributed()
@@ -271,10 +268,8 @@ def worker_lynx(args) -> None:
     mesh = parallel.build_mesh(device.type, world, cfg.parallel.replicate)
     model = build_model(cfg, mesh, device)  # frozen modules (model.train_layers) come out frozen
     trainable = [p for p in model.parameters() if p.requires_grad]
-    o = cfg.optim
-    optimizer = build_optimizer(trainable, o.name, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+    optimizer = build_optimizer(cfg, trainable)
     micro_batches = torch.load(args.batch_file, weights_only=False)["ranks"][rank]["lynx"]
-    clip = o.grad_clip if o.grad_clip > 0 else float("inf")
     model.train()
     trim_heap()
     baseline, peak_before = current_rss_mib(), peak_rss_mib()
@@ -282,8 +277,8 @@ def worker_lynx(args) -> None:
 
     def step():
         _barrier()
-        loss, grad_norm, *_ = train_step(model, optimizer, micro_batches, device, clip, trainable)
-        losses.append((loss, grad_norm))
+        result = train_step(model, optimizer, micro_batches, device, cfg.optim.max_grad_norm, trainable)
+        losses.append((result.loss, result.grad_norm))
 
     times = timed_steps(step, args.warmup, args.steps)
     result = {"times_s": _slowest_rank(times), "losses": losses, "threads": torch.get_num_threads(), "world": world,
@@ -346,7 +341,7 @@ def worker_hf(args, packed: bool) -> None:
                 labels[b, : len(i)] = torch.tensor(lab)
                 mask[b, : len(i)] = 1
             inputs.append({"input_ids": ids, "labels": labels, "attention_mask": mask})
-    clip = o.grad_clip if o.grad_clip > 0 else float("inf")
+    clip = o.max_grad_norm
     bf16 = compute_dtype(cfg) == torch.bfloat16  # autocast as the Trainer's bf16=True; fp32 where bf16 is emulated
     model.train()
     trim_heap()

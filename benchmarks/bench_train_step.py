@@ -99,16 +99,16 @@ def worker_lynx(args) -> dict:
     from lynx import train as trainer
     from lynx.distributed import init_distributed
     from lynx.train import config as train_config
-    from lynx.train.build import build_model
+    from lynx.train.build import build_model, build_optimizer
     from lynx.train.metrics import step_flops
     from lynx.config import LlamaConfig
-    from lynx.optim import build_optimizer
 
     if args.packed_impl:
         attention.CPU_PACKED_IMPL = args.packed_impl
     cfg = train_config.TrainConfig(
         model=train_config.ModelConfig(config=model_hf_config(args)),
         data=train_config.DataConfig(max_seq_len=args.seq),
+        optim=train_config.OptimConfig(name="adamw", lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0),
         parallel=train_config.ParallelConfig(param_dtype=args.param_dtype, reduce_dtype="float32",
                                         activation_checkpointing=args.ac),
     )
@@ -119,7 +119,7 @@ def worker_lynx(args) -> dict:
     if args.adamw == "loop":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=False)
     else:  # what the trainer builds for optim.name=adamw
-        optimizer = build_optimizer(model.parameters(), "adamw", lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+        optimizer = build_optimizer(cfg, model.parameters())
     sequences = []
     for docs in make_documents(args):
         seq = sft_data.PackedSequence()
@@ -135,8 +135,7 @@ def worker_lynx(args) -> dict:
     losses = []
 
     def step():
-        loss, *_ = trainer.train_step(model, optimizer, micro_batches, device, clip=1.0)
-        losses.append(loss)
+        losses.append(trainer.train_step(model, optimizer, micro_batches, device, clip=1.0).loss)
 
     times = timed_steps(step, args.warmup, args.steps)
     n_params = sum(p.numel() for p in model.parameters())

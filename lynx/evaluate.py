@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-LABELS = ("PASS", "FAIL")
+from lynx.rows import LABELS, normalize_label  # the row schema lives in lynx.rows; both names stay importable here
 
 # Published HaluBench accuracy (%), Lynx paper (arXiv 2407.08488) Table, as printed. The printed means of GPT-4-Turbo
 # (85.0) and RAGAS (66.9) differ from the means of their printed rows (85.35, 68.03); we keep both as published.
@@ -50,13 +50,6 @@ def published_source(source_ds: str) -> str | None:
 
 def published_accuracy(model: str, source: str) -> float:
     return PUBLISHED_ACCURACY[model][PUBLISHED_SOURCES.index(source)]
-
-
-def normalize_label(value) -> str:
-    """"PASS"/"FAIL" from a label in any case; anything else raises ValueError."""
-    if isinstance(value, str) and value.strip().upper() in LABELS:
-        return value.strip().upper()
-    raise ValueError(f"label must be PASS or FAIL, got {value!r}")
 
 
 # --- metrics --------------------------------------------------------------------------------------------------------

@@ -181,8 +181,8 @@ def estimate(cfg, nnodes: int, nproc_per_node: int, gpu: str = "h100-80gb", mfu:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from lynx import parallel
-    from lynx.optim import build_optimizer
-    from lynx.train.build import shard_model
+    from lynx.train.build import build_optimizer, shard_model
+    from lynx.train.config import grad_accum_steps
     from lynx.train.loop import train_step
     from lynx.train.metrics import GPU_PEAK_TFLOPS, step_flops
 
@@ -192,15 +192,10 @@ def estimate(cfg, nnodes: int, nproc_per_node: int, gpu: str = "h100-80gb", mfu:
         raise ConfigError("parallel.compile=true cannot be traced under fake tensors; plan with parallel.compile=false "
                           "(a compiled block keeps at most as many activations as an eager one)")
     world = nnodes * nproc_per_node
-    per_step = cfg.data.micro_batch_size * world
-    if cfg.global_batch_size % per_step:
-        raise ConfigError(f"global_batch_size={cfg.global_batch_size} is not a multiple of data.micro_batch_size x "
-                          f"world size = {cfg.data.micro_batch_size} x {world}")
-    grad_accum = cfg.global_batch_size // per_step
+    grad_accum = grad_accum_steps(cfg, world)
     model_cfg = planned_model_config(cfg)
     batches = [full_micro_batch(cfg.data.max_seq_len, cfg.data.micro_batch_size, model_cfg.vocab_size)] * grad_accum
     device = torch.device("cpu")  # fake CPU tensors: the same shapes and dtypes as on the GPU
-    o = cfg.optim
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     # The CPU twin of the fused loss compiles its tile math for large problems; nothing compiles under fake tensors,
     # and the eager twin allocates the same tiles (plus fp32 temporaries of one tile).
@@ -210,8 +205,7 @@ def estimate(cfg, nnodes: int, nproc_per_node: int, gpu: str = "h100-80gb", mfu:
         with FakeTensorMode(allow_non_fake_inputs=True), FakeScalars() as scalars, untracked_sharding_propagation():
             model = shard_model(cfg, model_cfg, mesh, device)
             trainable = [p for p in model.parameters() if p.requires_grad]
-            optimizer = build_optimizer(trainable, o.name, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
-                                        eps=o.eps)
+            optimizer = build_optimizer(cfg, trainable)
             grad_bytes = []
             optimizer.register_step_pre_hook(lambda *_: grad_bytes.append(
                 local_bytes(p.grad for p in trainable if p.grad is not None)))
@@ -225,7 +219,7 @@ def estimate(cfg, nnodes: int, nproc_per_node: int, gpu: str = "h100-80gb", mfu:
             tracker = FSDPMemTracker(model, optimizer)
             tracker.track_inputs(tuple(traced))
             with tracker:
-                train_step(model, optimizer, traced, device, o.grad_clip if o.grad_clip > 0 else math.inf, trainable)
+                train_step(model, optimizer, traced, device, cfg.optim.max_grad_norm, trainable)
             peak = tracker.get_tracker_snapshot("peak")[device]
             param_bytes = local_bytes(model.parameters())
             optim_bytes = local_bytes(t for s in optimizer.state.values() for t in s.values()

@@ -1,6 +1,6 @@
 """Rows in the HaluBench schema: reading them from the formats evaluation sets come in, checking them, writing them.
 
-One reader for every tool: judge.py --input, the trainer's eval.data (lynx.validation), the data builder's
+One reader for every tool: judge.py --input, the trainer's eval.data (lynx.train.validation), the data builder's
 --source-file (lynx.data.source_file), the data map and the demo.
 
 What can be read, by what it is:
@@ -15,6 +15,8 @@ What can be read, by what it is:
 Each record has a place, used in every message about it: its line number for JSONL and CSV ("12"), its index for
 the others ("row 12"). Columns: HaluBench's (`id`, `passage` or `context`, `question`, `answer`, `label`,
 `source_ds`); a file that names them otherwise is read with a mapping, `--columns question=q,passage=ctx`.
+The row checks (check_row, normalize_label) and the JSON-lines parser (iter_json_lines) are here too, for the readers
+of other JSONL files (training rows, raw QA sources).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 FIELDS = ("id", "passage", "question", "answer", "label", "source_ds")  # HaluBench's columns
+LABELS = ("PASS", "FAIL")
 MAPPABLE = (*FIELDS, "context", "hallucinated_answer")  # what --columns can name
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 JUDGE_COLUMNS = (("passage", "context"), ("question",), ("answer",))  # alternatives: one of each is needed
@@ -84,8 +87,14 @@ def read_dicts(source, columns: dict[str, str] | None = None) -> list[dict]:
 def read_rows(source, require_label: bool = False, columns: dict[str, str] | None = None):
     """(valid rows as (place, object), bad rows as (place, reason)) of a file in the HaluBench schema. A file with
     no column for the question, the document or the answer (or the label, when required) is a BadInput."""
-    records, bad = read_records(source, columns)
+    records, unreadable = read_records(source, columns)
+    return check_rows(source, records, unreadable, require_label)
+
+
+def check_rows(source, records, unreadable, require_label: bool):
+    """read_rows for records already read (read_records): the unreadable and failing ones, in file order, as bad."""
     require_columns(source, records, JUDGE_COLUMNS + ((("label",),) if require_label else ()))
+    bad = list(unreadable)
     rows = []
     for place, obj in records:
         reason = check_row(obj, require_label)
@@ -120,8 +129,6 @@ def require_columns(source, records, needed) -> None:
 
 def check_row(obj, require_label: bool) -> str | None:
     """Why a record cannot be judged, or None when it is fine (the same checks for every format)."""
-    from lynx.evaluate import normalize_label
-
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {type(obj).__name__}"
     if obj.get("passage") is None and obj.get("context") is None:
@@ -142,6 +149,13 @@ def check_row(obj, require_label: bool) -> str | None:
     elif require_label:
         return "missing 'label' (needed by --eval)"
     return None
+
+
+def normalize_label(value) -> str:
+    """"PASS"/"FAIL" from a label in any case; anything else raises ValueError."""
+    if isinstance(value, str) and value.strip().upper() in LABELS:
+        return value.strip().upper()
+    raise ValueError(f"label must be PASS or FAIL, got {value!r}")
 
 
 def row_document(obj: dict) -> str:
@@ -188,16 +202,28 @@ def _read_source(source):
     raise FileNotFoundError(f"input file not found: {source}")
 
 
+def iter_json_lines(lines):
+    """(place, object, None) for each line of JSON, (place, None, why) for each line that is not; the place is the
+    line number. Blank lines are skipped. `lines`: an open text file (plain or gzip)."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield str(lineno), None, f"invalid JSON ({e.msg} at column {e.colno})"
+            continue
+        yield str(lineno), obj, None
+
+
 def _read_json_lines(path: Path):
     records, unreadable = [], []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append((str(lineno), json.loads(line)))
-            except json.JSONDecodeError as e:
-                unreadable.append((str(lineno), f"invalid JSON ({e.msg} at column {e.colno})"))
+        for place, obj, why in iter_json_lines(f):
+            if why:
+                unreadable.append((place, why))
+            else:
+                records.append((place, obj))
     return records, unreadable
 
 

@@ -15,7 +15,6 @@ on the assistant turns: their content tokens and the closing <|eot_id|>, so the 
 from __future__ import annotations
 
 import bisect
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from lynx.prompt import truncate_document
+from lynx.rows import iter_json_lines
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -53,15 +53,8 @@ def load_rows(path: str | Path) -> list[dict]:
     path = Path(path)
     rows, errors = [], []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            problem = _row_problem(row)
+        for lineno, row, unreadable in iter_json_lines(f):
+            problem = unreadable or _row_problem(row)
             if problem:
                 errors.append(f"{path}:{lineno}: {problem}")
                 continue

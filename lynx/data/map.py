@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from lynx.prompt import format_prompt
-from lynx.rows import read_dicts, read_records
+from lynx.rows import normalize_label, read_dicts, read_rows, row_document
 
 # Only the start of a long passage enters the projection: whole COVID-QA papers (~25k characters, shared by dozens
 # of rows) would dominate both the time and the vocabulary.
@@ -61,17 +61,18 @@ def load_rows(folder) -> list[dict]:
         if chat.exists():
             for c in read_dicts(chat):
                 types[c["id"]] = c["perturbation"]["type"] if c.get("perturbation") else NO_PERTURBATION
-        records, unreadable = read_records(path)
-        if unreadable:
-            place, reason = unreadable[0]
+        checked, bad = read_rows(path, require_label=True)
+        # Built rows also carry the id and source the map shows (the judge's checks do not need them).
+        bad += [(place, f"missing {key!r}") for place, r in checked for key in ("id", "source_ds")
+                if r.get(key) is None]
+        if bad:
+            place, reason = bad[0]
             raise ValueError(f"{path}:{place}: not a HaluBench row ({reason})")
-        for place, r in records:
-            try:
-                rows.append({"id": r["id"], "split": split, "source": r["source_ds"], "label": r["label"],
-                             "type": types.get(r["id"], NO_PERTURBATION if r["label"] == "PASS" else "unknown"),
-                             "question": r["question"], "answer": r["answer"], "passage": r["passage"]})
-            except (KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{place}: not a HaluBench row ({type(e).__name__}: {e})") from None
+        for _, r in checked:
+            label = normalize_label(r["label"])
+            rows.append({"id": r["id"], "split": split, "source": r["source_ds"], "label": label,
+                         "type": types.get(r["id"], NO_PERTURBATION if label == "PASS" else "unknown"),
+                         "question": r["question"], "answer": r["answer"], "passage": row_document(r)})
     if not rows:
         raise FileNotFoundError(f"{folder} holds no built data (its halubench_*.jsonl files are empty)")
     return rows

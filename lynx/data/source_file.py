@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lynx.data.sources import Row, _group
-from lynx.evaluate import normalize_label
-from lynx.rows import JUDGE_COLUMNS, check_row, read_records, require_columns, row_document
+from lynx.rows import JUDGE_COLUMNS, check_row, normalize_label, read_records, require_columns, row_document
 
 NAME = re.compile(r"[A-Za-z][\w.\-]*")
 

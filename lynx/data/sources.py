@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lynx.rows import iter_json_lines
+
 # The repo copy; a fresh clone has it (nothing is read from outside the repository at run time).
 DEFAULT_RAW_DIR = Path(__file__).resolve().parents[2] / "data" / "raw"
 
@@ -48,15 +50,13 @@ def _open_text(path: Path):
 
 
 def _read_jsonl(path: Path, skipped: list[str]):
-    """Yield (line_number, object) for every parsable line; unparsable lines are reported in `skipped`."""
+    """Yield (line number, object) for every parsable line; unparsable lines are reported in `skipped`."""
     with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                skipped.append(f"{path.name}:{lineno}: invalid JSON ({e.msg})")
+        for lineno, obj, unreadable in iter_json_lines(f):
+            if unreadable:
+                skipped.append(f"{path.name}:{lineno}: {unreadable}")
+            else:
+                yield lineno, obj
 
 
 def _read_json(path: Path):

@@ -1,5 +1,5 @@
 """What the loop trains: the sharded model (from a checkpoint, a GGUF file or random init; frozen lower blocks kept
-whole outside FSDP) and the tokenized training rows."""
+whole outside FSDP), its optimizer, the tokenized training rows and the loader that batches them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lynx import parallel
+from lynx import optim, parallel, sft_data
 from lynx.config import ConfigError, LlamaConfig
 from lynx.train.config import TrainConfig
 from lynx.weights import sharded
@@ -62,6 +62,12 @@ def shard_model(cfg: TrainConfig, model_cfg: LlamaConfig, mesh, device) -> torch
     return model
 
 
+def build_optimizer(cfg: TrainConfig, params):
+    """optim.* over `params` (the trained ones): the one place the trainer, lynx.plan and the benchmarks build it."""
+    o = cfg.optim
+    return optim.build_optimizer(params, o.name, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+
+
 def frozen_modules(model, train_layers: int | None) -> list[torch.nn.Module]:
     """The embedding and every block below the top `train_layers` (none when train_layers is None). A tied lm_head
     is the embedding, so it is frozen with it."""
@@ -83,8 +89,6 @@ def load_tokenizer(cfg: TrainConfig):
 
 
 def tokenize_data(cfg: TrainConfig, tokenizer, rank: int):
-    from lynx import sft_data
-
     if cfg.data.train is None:
         raise ConfigError("data.train: no training file configured")
     rows = sft_data.load_rows(cfg.data.train)
@@ -116,3 +120,18 @@ def tokenize_data(cfg: TrainConfig, tokenizer, rank: int):
         stats.truncated += example.truncated
         examples.append(example)
     return examples, stats
+
+
+def build_loader(cfg: TrainConfig, examples, *, pad_id: int, grad_accum: int, rank: int,
+                 world: int) -> sft_data.PackedLoader:
+    """This rank's batches of the examples: packed several to a sequence (data.pack) or one per sequence, the shared
+    prefix once per sequence (data.shared_prefix)."""
+    if not cfg.data.pack:
+        # One example per sequence, so a global batch is global_batch_size examples (the recipe's meaning).
+        examples = [sft_data.pack([e], cfg.data.max_seq_len)[0] for e in examples]
+    prefix = sft_data.shared_prefix(examples) if cfg.data.shared_prefix else None
+    return sft_data.PackedLoader(
+        examples, seq_len=cfg.data.max_seq_len, micro_batch_size=cfg.data.micro_batch_size, rank=rank,
+        world_size=world, seed=cfg.seed, drop_last=cfg.data.drop_last, grad_accum=grad_accum, pad_id=pad_id,
+        prefix=prefix,
+    )

@@ -4,6 +4,7 @@ before anything runs (every key listed by `python train.py --help`)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,6 +53,11 @@ class OptimConfig:
     alpha_f: float = 0.1  # final lr = alpha_f * peak (cosine decay after warmup)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
     max_skipped_steps: int = 10  # stop the run once this many steps had a non-finite loss or gradient norm
+
+    @property
+    def max_grad_norm(self) -> float:
+        """What clip_grad_norm_ takes: grad_clip, or infinity (no clipping) when grad_clip is 0."""
+        return self.grad_clip if self.grad_clip > 0 else math.inf
 
 
 @dataclass
@@ -285,6 +291,17 @@ def validate(cfg: TrainConfig) -> None:
         allowed = ["auto", *parallel.DTYPES] if key == "parallel.param_dtype" else list(parallel.DTYPES)
         if getattr(getattr(cfg, section), name) not in allowed:
             raise ConfigError(f"{key}: {getattr(getattr(cfg, section), name)!r} (choose from {allowed})")
+
+
+def grad_accum_steps(cfg: TrainConfig, world: int) -> int:
+    """Micro-batches per rank per optimizer step. Checked here, not in validate: it needs the world size."""
+    per_step = cfg.data.micro_batch_size * world
+    if cfg.global_batch_size % per_step:
+        raise ConfigError(
+            f"global_batch_size={cfg.global_batch_size} is not a multiple of data.micro_batch_size x world size "
+            f"= {cfg.data.micro_batch_size} x {world}"
+        )
+    return cfg.global_batch_size // per_step
 
 
 def config_help() -> str:
