@@ -99,17 +99,39 @@ def select_evidence(document: str, question: str, answer: str, budget_tokens: in
             kept.append(i)
             used += sizes[i] + marker
     if not kept:  # the best chunk alone is over the budget: its head, cut at a word boundary
-        i = order[0]
-        s, e = chunks[i]
-        keep = max(1, int((e - s) * (budget_tokens - 2 * marker) / max(sizes[i], 1)))
-        cut = document[s:s + keep]
-        e = s + (len(cut.rsplit(" ", 1)[0]) if " " in cut.strip() else len(cut))
+        s, e = chunks[order[0]]
+        e = s + _word_cut(document[s:e], int((e - s) * (budget_tokens - 2 * marker) / max(sizes[order[0]], 1)))
         spans = [(s, e)]
     else:
-        spans = [chunks[i] for i in sorted(kept)]
-    # Adjacent chunks merge: only the text between them was left out, and there was none.
+        spans = [chunks[i] for i in kept]  # best first
+    # Chunk sizes only estimate what the joined text costs (tokens merge across a join): drop the worst-ranked chunk,
+    # or cut the lone one shorter, until the text fits.
+    while True:
+        merged, text = _assemble(document, sorted(spans))
+        tokens = count_tokens(text)
+        if tokens <= budget_tokens:
+            break
+        if len(spans) > 1:
+            spans.pop()
+        else:
+            s, e = spans[0]
+            cut = _word_cut(document[s:e], int((e - s) * 0.9))
+            if cut in (0, e - s):
+                break  # one word: nothing shorter to keep
+            spans = [(s, s + cut)]
+    return Selection(text, tuple(merged), tokens, document_tokens, True)
+
+
+def _word_cut(text: str, keep: int) -> int:
+    """Length of text's head of at most `keep` characters (at least 1), ending at a word boundary when one exists."""
+    head = text[:max(1, keep)]
+    return len(head.rsplit(" ", 1)[0]) if " " in head.strip() else len(head)
+
+
+def _assemble(document: str, spans: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], str]:
+    """Spans in document order -> (merged spans, text joined with ELISION where text was left out)."""
     merged = [spans[0]]
-    for s, e in spans[1:]:
+    for s, e in spans[1:]:  # adjacent chunks merge: only the text between them was left out, and there was none
         if document[merged[-1][1]:s].strip():
             merged.append((s, e))
         else:
@@ -119,7 +141,7 @@ def select_evidence(document: str, question: str, answer: str, budget_tokens: in
         text = ELISION.lstrip("\n") + text
     if document[merged[-1][1]:].strip():
         text = text + ELISION.rstrip("\n")
-    return Selection(text, tuple(merged), count_tokens(text), document_tokens, True)
+    return merged, text
 
 
 @lru_cache(maxsize=8)

@@ -101,3 +101,20 @@ def test_a_broken_lynx_json_is_named(judge_dir):
             Judge(judge_dir, device="cpu")
     finally:
         (judge_dir / "lynx.json").unlink()
+
+
+def test_the_joined_text_never_exceeds_the_budget(count):
+    """Chunk token counts only estimate the joined text's (tokens merge across a join, a cut chunk is cut by its
+    characters): a HaluEval passage whose single kept chunk, cut in proportion, came out 2 tokens over 24."""
+    passage = ("Maria Brontë ( , \"commonly\" ; 23 April 1814 – 6 May 1825) was the eldest daughter of Patrick Brontë "
+               "and Maria Brontë, née Maria Branwell.Patrick Brontë ( , \"commonly\" ; 17 March 1777 – 7 June 1861) "
+               "was an Irish priest and author who spent most of his adult life in England.")
+    question = "Where did the father of Maria Brontë spend most of his adult life?"
+    answer = "Patrick Brontë spent most of his adult life in London, England."
+    for budget in range(12, count(passage)):
+        sel = select_evidence(passage, question, answer, budget, count)
+        assert sel.selected and sel.tokens == count(sel.text) <= budget, budget
+        assert all(passage[s:e] in sel.text for s, e in sel.kept)
+    for budget in range(20, count(DOCUMENT), 7):
+        sel = select_evidence(DOCUMENT, QUESTION, ANSWER, budget, count, chunk_tokens=32)
+        assert sel.tokens == count(sel.text) <= budget, budget
