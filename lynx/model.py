@@ -84,7 +84,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
-        self.rope = apply_rope  # (x, cos, sin) -> rotated x; lynx.generate.compile_ropes puts in a fused one
+        self.rope = apply_rope  # (x, cos, sin) -> rotated x; lynx.infer.cpu_fast.compile_ropes puts in a fused one
 
     def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache: KVCache | None = None,
                 cache_positions: range | torch.Tensor | None = None, last_only: bool = False,

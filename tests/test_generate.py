@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lynx import generate as generate_module
 from lynx.generate import (CompiledRMSNorm, PrepackedLinear, PrepackedMLP, can_prepack, compile_rms_norms, generate,
                            prepack_linear_weights, run_generation)
+from lynx.infer import cpu_fast
 from lynx.model import Llama
 from tests.conftest import make_tiny_checkpoint, make_tiny_hf_model
 
@@ -269,12 +269,12 @@ def test_compiled_rms_norms_are_the_eager_norms_within_bf16_rounding(tmp_path):
 
 def test_a_failing_compile_leaves_the_norms_eager_with_a_warning(models, monkeypatch):
     ours, _ = models
-    monkeypatch.setattr(generate_module, "can_prepack", lambda model: True)
+    monkeypatch.setattr(cpu_fast, "can_prepack", lambda model: True)
 
     def no_compiler(*args):
         raise RuntimeError("no C++ compiler found")
 
-    monkeypatch.setattr(generate_module, "compiled_rms_norm", lambda: no_compiler)
+    monkeypatch.setattr(cpu_fast, "compiled_rms_norm", lambda: no_compiler)
     message = r"torch.compile failed \(RuntimeError: no C\+\+ compiler found\); the RMSNorms stay eager"
     with pytest.warns(UserWarning, match=message):
         assert not compile_rms_norms(ours)
@@ -320,12 +320,12 @@ def test_a_failing_compile_leaves_the_rotary_embeddings_eager_with_a_warning(mod
     from lynx.model import apply_rope
 
     ours, _ = models
-    monkeypatch.setattr(generate_module, "can_prepack", lambda model: True)
+    monkeypatch.setattr(cpu_fast, "can_prepack", lambda model: True)
 
     def no_compiler(*args):
         raise RuntimeError("no C++ compiler found")
 
-    monkeypatch.setattr(generate_module, "compiled_rope", lambda: no_compiler)
+    monkeypatch.setattr(cpu_fast, "compiled_rope", lambda: no_compiler)
     with pytest.warns(UserWarning, match=r"torch.compile failed .*; the rotary embeddings stay eager"):
         assert not compile_ropes(ours)
     assert all(layer.self_attn.rope is apply_rope for layer in ours.layers)
