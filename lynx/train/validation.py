@@ -14,7 +14,7 @@ Two kinds of rows, told apart by their keys:
 Rows are split across ranks; every rank runs the same number of forward passes (FSDP2's collectives pair them up),
 padding its share with a repeat of its last row whose result is dropped. One example per forward pass (no padding,
 plain causal attention) for chat rows; judge rows are packed 2,048 tokens to a pass with their common prefix shared,
-as the judge's fast mode does (lynx.judge.packed_p_pass).
+as the judge's fast mode does (lynx.infer.scoring.packed_p_pass).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Evaluator:
 
     def __init__(self, path: str, tokenizer, *, max_seq_len: int, max_rows: int | None, rank: int, world: int,
                  context_tokens: int = 0):
-        from lynx.judge import fast_score_tokens
+        from lynx.infer.scoring import fast_score_tokens
 
         self.kind, rows = load_eval_rows(path, max_rows)
         self.rank, self.world = rank, world
@@ -95,7 +95,7 @@ class Evaluator:
 
     @torch.no_grad()
     def run(self, model, device) -> dict:
-        from lynx.judge import pack_prompts, packed_p_pass
+        from lynx.infer.scoring import pack_prompts, packed_p_pass
 
         was_training = model.training
         model.eval()
