@@ -51,6 +51,7 @@ def training_messages(question: str, context: str, answer: str, target: str) -> 
 # The DOCUMENT section of PROMPT_TEMPLATE: the text between these markers is what `truncate_document` shortens.
 DOCUMENT_START = "\n--\nDOCUMENT:\n"
 DOCUMENT_END = "\n\n--\nANSWER:"
+ANSWER_END = "\n\n--\n\nYour output"  # what follows the ANSWER section's text
 # Replaces the removed middle, so the model sees that the document was cut.
 TRUNCATION_MARKER = "\n[... document truncated ...]\n"
 

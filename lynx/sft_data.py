@@ -147,11 +147,13 @@ def chat_ids_and_labels(tokenizer, messages: list[dict]) -> tuple[list[int], lis
 
 
 def tokenize_row(tokenizer, row: dict, *, max_seq_len: int, overflow="truncate_document",
-                 train_on_inputs: bool = False) -> Example | None:
+                 train_on_inputs: bool = False, answer_loss: bool = False) -> Example | None:
     """A row (from `load_rows`) -> Example, or None when it is longer than max_seq_len and cannot be kept.
 
     train_on_inputs: labels on every token (prompt and template included), not only the assistant turns: plain
     language-model loss over the whole conversation (axolotl's option of the same name).
+    answer_loss: also labels on the ANSWER of a Lynx prompt whose row is faithful (`label` PASS): the model learns
+    to predict a faithful answer from the document, a signal on every answer token where the verdict gives one bit.
 
     overflow: the policy for over-long rows, a name in OVERFLOW_POLICIES or a function of the same form. "drop":
     the row is dropped. "truncate_document" (`lynx.prompt.truncate_document`): the DOCUMENT section of the Lynx
@@ -172,7 +174,33 @@ def tokenize_row(tokenizer, row: dict, *, max_seq_len: int, overflow="truncate_d
         if len(ids) > max_seq_len:
             raise ValueError(f"overflow policy {overflow!r} left a row of {len(ids)} tokens > max_seq_len={max_seq_len}")
         truncated = True
-    return Example(ids, list(ids) if train_on_inputs else labels, truncated=truncated)
+    if train_on_inputs:
+        labels = list(ids)
+    elif answer_loss and row.get("label") == "PASS":
+        span = answer_token_span(tokenizer, messages, ids)
+        if span is not None:
+            labels[span[0]:span[1]] = ids[span[0]:span[1]]
+    return Example(ids, labels, truncated=truncated)
+
+
+def answer_token_span(tokenizer, messages: list[dict], ids: list[int]) -> tuple[int, int] | None:
+    """Token positions [start, end) of the ANSWER section's text in a Lynx prompt's chat ids: the tokens that start
+    inside it (Llama-3's last one may carry the newlines after it). None when the user turn has no ANSWER section."""
+    from lynx.prompt import ANSWER_END, DOCUMENT_END
+
+    user = next((m["content"] for m in messages if m["role"] == "user"), "")
+    start = user.rfind(DOCUMENT_END + "\n")
+    end = user.find(ANSWER_END, start)
+    text = tokenizer.render_chat(messages, add_generation_prompt=False)
+    at = text.find(user)
+    if start < 0 or end < 0 or at < 0:
+        return None
+    encoding = tokenizer.hf.encode(text, add_special_tokens=False)
+    if encoding.ids != ids:  # not the ids being trained on: label nothing rather than the wrong tokens
+        return None
+    first, last = at + start + len(DOCUMENT_END) + 1, at + end
+    inside = [i for i, (s, _) in enumerate(encoding.offsets) if first <= s < last]
+    return (inside[0], inside[-1] + 1) if inside else None
 
 
 def row_messages(row: dict) -> list[dict]:
@@ -185,8 +213,8 @@ def row_messages(row: dict) -> list[dict]:
 
 
 def tokenize_rows(tokenizer, rows: list[dict], *, max_seq_len: int, overflow="truncate_document",
-                  train_on_inputs: bool = False, progress: bool = False, keep_dropped: bool = False,
-                  group_key: str | None = None) -> tuple[list[Example], TokenizeStats]:
+                  train_on_inputs: bool = False, answer_loss: bool = False, progress: bool = False,
+                  keep_dropped: bool = False, group_key: str | None = None) -> tuple[list[Example], TokenizeStats]:
     """Tokenize every row; returns the kept examples (in row order) and how many were truncated or dropped.
     keep_dropped: put None in place of each dropped row (one entry per row: the trainer merges ranks' shares).
     group_key: a row key whose value becomes Example.group (rows without it are their own group)."""
@@ -196,7 +224,7 @@ def tokenize_rows(tokenizer, rows: list[dict], *, max_seq_len: int, overflow="tr
     examples = []
     for row in tqdm(rows, desc="tokenize", unit="row", disable=not progress):
         example = tokenize_row(tokenizer, row, max_seq_len=max_seq_len, overflow=overflow,
-                               train_on_inputs=train_on_inputs)
+                               train_on_inputs=train_on_inputs, answer_loss=answer_loss)
         if example is None:
             stats.dropped += 1
             if keep_dropped:

@@ -137,6 +137,25 @@ def test_train_on_inputs_labels_every_token_also_after_truncation(tok):
     assert all(e.labels == e.input_ids for e in examples)
 
 
+def test_answer_loss_labels_the_faithful_answer_only(tok):
+    answer = "In 1912, about 1,500 people died."
+    row = {**lynx_row("The Titanic sank in 1912; about 1,500 people died.", answer=answer), "label": "PASS"}
+    plain = tokenize_row(tok, row, max_seq_len=8000)
+    example = tokenize_row(tok, row, max_seq_len=8000, answer_loss=True)
+    assert example.input_ids == plain.input_ids
+    added = [i for i, (a, b) in enumerate(zip(example.labels, plain.labels)) if a != b]
+    assert added == list(range(added[0], added[-1] + 1))  # one run of tokens
+    assert tok.decode([example.input_ids[i] for i in added]).rstrip("\n") == answer  # Llama-3: ".\n\n" is one token
+    assert all(example.labels[i] == plain.labels[i] for i in range(len(plain)) if i not in added)
+    # A hallucinated answer teaches nothing to predict; a truncated long row keeps its answer labels.
+    assert tokenize_row(tok, {**row, "label": "FAIL"}, max_seq_len=8000, answer_loss=True).labels == plain.labels
+    long_row = {**lynx_row(long_document(3000), answer=answer), "label": "PASS"}
+    cut = tokenize_row(tok, long_row, max_seq_len=600, answer_loss=True)
+    assert cut.truncated
+    assert tok.decode([i for i, lbl in zip(cut.input_ids, cut.labels) if lbl != IGNORE_INDEX]) == (
+        answer + "\n\n" + TARGET + "<|eot_id|>")
+
+
 # --- over-long rows -----------------------------------------------------------------------------------------------
 
 

@@ -94,7 +94,8 @@ def tokenize_data(cfg: TrainConfig, tokenizer, rank: int):
     rows = sft_data.load_rows(cfg.data.train)
     world = dist.get_world_size() if dist.is_initialized() else 1
     options = dict(max_seq_len=cfg.data.max_seq_len, overflow=cfg.data.overflow,
-                   train_on_inputs=cfg.data.train_on_inputs, progress=rank == 0, group_key=cfg.data.pack_group_key)
+                   train_on_inputs=cfg.data.train_on_inputs, answer_loss=cfg.data.answer_loss,
+                   progress=rank == 0, group_key=cfg.data.pack_group_key)
     if world == 1:
         return sft_data.tokenize_rows(tokenizer, rows, **options)
     # Each rank tokenizes every world-th row, then all gather: every rank ends with the same examples in row order

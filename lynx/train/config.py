@@ -33,6 +33,7 @@ class DataConfig:
     max_seq_len: int = 8000  # packed sequence length; longer rows follow `overflow`
     overflow: str = "truncate_document"  # or "drop"
     train_on_inputs: bool = False  # loss on every token (prompt too), not only the assistant turns
+    answer_loss: bool = False  # loss also on the ANSWER of faithful (PASS) rows: learn to read the document
     pack: bool = True  # several examples per sequence; False: one example per sequence (padded to max_seq_len)
     # The ids every row starts with (the judge instruction, the template's system turn) once per packed sequence,
     # attended to by each example in it (lynx.attention): fewer tokens per example, the same loss and gradients.
