@@ -163,7 +163,7 @@ class Decoder:
         packed_caches = self.model.new_kv_caches(1, bounds[-1], zeroed=False)  # every slot written (packed_kv_out)
         logits = self.model(input_ids, position_ids=position_ids, attn_kwargs={"cu_seqlens": cu_seqlens},
                             kv_caches=self.prefix_caches, packed_kv_out=packed_caches,
-                            logit_positions=cu_seqlens[1:].long() - 1)[0].float()
+                            read_positions=cu_seqlens[1:].long() - 1)[0].float()
         self.ready.extend((i, logits[j], packed_caches, bounds[j], bounds[j + 1]) for j, i in enumerate(group))
 
     def place(self, b: int, prompt_index: int, packed_caches: list, start: int, end: int) -> None:
