@@ -55,7 +55,6 @@ import argparse
 import ctypes
 import json
 import math
-import os
 import subprocess
 import sys
 import time

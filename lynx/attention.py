@@ -60,7 +60,7 @@ def attention(
     max_seqlen: int | None = None,
     prefix_len: int = 0,
     prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-    query_positions: torch.Tensor | None = None,
+    read_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention; returns [B, T, Hq, D].
 
@@ -74,17 +74,17 @@ def attention(
     prefix_len: with cu_seqlens, the shared prefix of every row (see the module docstring); 0 = none.
     prefix_kv: with cu_seqlens, a cached prefix's keys and values [1 or B, P, Hkv, D] every segment also attends to
     (see the module docstring); not with prefix_len.
-    query_positions: with cu_seqlens, q holds the queries of these flat positions of the B * T tokens only,
+    read_positions: with cu_seqlens, q holds the queries of these flat positions of the B * T tokens only,
     [1, N, Hq, D] (packed judging's last block: one position per document is read); returns [1, N, Hq, D].
     """
     if cu_seqlens is not None:
         if attn_mask is not None:
             raise ValueError("attention: pass either attn_mask or cu_seqlens, not both")
-        if query_positions is not None:
-            return packed_attention_at(q, k, v, query_positions, cu_seqlens, prefix_len, prefix_kv)
+        if read_positions is not None:
+            return packed_attention_at(q, k, v, read_positions, cu_seqlens, prefix_len, prefix_kv)
         return packed_attention(q, k, v, cu_seqlens, max_seqlen, prefix_len, prefix_kv)
-    if prefix_len or prefix_kv is not None or query_positions is not None:
-        raise ValueError("attention: prefix_len, prefix_kv and query_positions apply to packed sequences "
+    if prefix_len or prefix_kv is not None or read_positions is not None:
+        raise ValueError("attention: prefix_len, prefix_kv and read_positions apply to packed sequences "
                          "(cu_seqlens) only")
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
     if q.shape[2] == 1 and attn_mask is not None:
@@ -172,13 +172,13 @@ def packed_attention_at(q, k, v, positions: torch.Tensor, cu_seqlens: torch.Tens
     mask (each query: its segment up to itself, its row's prefix, the cached prefix): N is small."""
     B, T, Hkv, D = k.shape
     if q.shape[:2] != (1, positions.numel()) or positions.dim() != 1:
-        raise ValueError(f"attention: query_positions [N] need queries [1, N, H, D]; got {tuple(positions.shape)} "
+        raise ValueError(f"attention: read_positions [N] need queries [1, N, H, D]; got {tuple(positions.shape)} "
                          f"positions and queries {tuple(q.shape)}")
     _check_cu_seqlens(cu_seqlens.tolist(), B, T, prefix_len)
     prefix_kv = _checked_prefix_kv(prefix_kv, prefix_len, k, q.dtype)
     positions = positions.to(device=q.device, dtype=torch.int64)
     if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < B * T:
-        raise ValueError(f"attention: query_positions must lie in 0..{B * T - 1}, got {positions.tolist()}")
+        raise ValueError(f"attention: read_positions must lie in 0..{B * T - 1}, got {positions.tolist()}")
     flat = torch.arange(B * T, device=q.device)
     segment = torch.searchsorted(cu_seqlens.to(device=q.device, dtype=torch.int64)[1:], flat, right=True)
     same_segment = segment[None] == segment[positions][:, None]

@@ -88,12 +88,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache: KVCache | None = None,
                 cache_positions: range | torch.Tensor | None = None, last_only: bool = False,
-                read_positions: torch.Tensor | None = None, kv_out: KVCache | None = None):
+                read_positions: torch.Tensor | None = None, packed_kv_out: KVCache | None = None):
         B, T, _ = x.shape
         k = self.rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if kv_out is not None:  # packed: every token's keys and values, flat, for generation to place in its rows
-            kv_out.update(range(B * T), k.reshape(1, B * T, *k.shape[2:]), v.reshape(1, B * T, *v.shape[2:]))
+        if packed_kv_out is not None:  # packed: every token's keys and values, flat, for generation to place in rows
+            packed_kv_out.update(range(B * T), k.reshape(1, B * T, *k.shape[2:]), v.reshape(1, B * T, *v.shape[2:]))
         if last_only:  # the last position's query only; every position's keys and values (they fill the cache)
             x, cos, sin = x[:, -1:], cos[:, -1:], sin[:, -1:]
         elif read_positions is not None:  # packed: these flat positions' queries only, as one row
@@ -112,7 +112,7 @@ class Attention(nn.Module):
             mask = torch.ones(B, 1, 1, k.shape[1], dtype=torch.bool, device=k.device) if mask is None else mask[:, :, -1:]
             attn_kwargs = {"attn_mask": mask}
         elif read_positions is not None:
-            attn_kwargs = {**attn_kwargs, "query_positions": read_positions}
+            attn_kwargs = {**attn_kwargs, "read_positions": read_positions}
         out = attention(q, k, v, **attn_kwargs)
         return self.o_proj(out.reshape(*q.shape[:2], -1))
 
@@ -138,11 +138,11 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache: KVCache | None = None,
                 cache_positions: range | torch.Tensor | None = None, last_only: bool = False,
-                read_positions: torch.Tensor | None = None, kv_out: KVCache | None = None):
+                read_positions: torch.Tensor | None = None, packed_kv_out: KVCache | None = None):
         """last_only: output the last position only; read_positions (packed sequences): output these flat positions
         only, [1, N, hidden]. Either way the keys and values still cover every position."""
         h = self.self_attn(self.input_layernorm(x), cos, sin, attn_kwargs, kv_cache, cache_positions, last_only,
-                           read_positions, kv_out)
+                           read_positions, packed_kv_out)
         if last_only:
             x = x[:, -1:]
         elif read_positions is not None:
@@ -199,7 +199,7 @@ class Llama(nn.Module):
         cache_positions: range | torch.Tensor | None = None,
         reduction: str = "mean",
         last_logits_only: bool = False,
-        logit_positions: torch.Tensor | None = None,
+        read_positions: torch.Tensor | None = None,
         packed_kv_out: list[KVCache] | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V], or with `labels` the next-token loss (never materialising the logits).
@@ -215,9 +215,10 @@ class Llama(nn.Module):
         block then runs its query, attention output and MLP for that position alone (every position's keys and values
         are still computed and cached): nothing else reads the other positions' final hidden states, and projecting
         them onto a 128k vocabulary would be most of a prefill's work.
-        logit_positions: logits [1, N, V] of these N flat positions of the B * T tokens only (packed judging reads one
-        position per document). With packed sequences the last block, too, runs its query, attention output and MLP
-        at those positions only.
+        read_positions: logits [1, N, V] of these N flat positions of the B * T tokens only (packed judging and
+        generation's packed prefill read one position per document). With packed sequences the last block, too, runs
+        its query, attention output and MLP at those positions only (Block, Attention and lynx.attention.attention
+        take them under the same name).
         packed_kv_out: with packed sequences, one KVCache per layer ([1, H_kv, >= B * T, D]) that receives every
         token's keys and values at slots 0..B*T-1, flat (generation prefills packed prompts and copies each one's
         into its row).
@@ -232,23 +233,23 @@ class Llama(nn.Module):
                 raise ValueError("per-row cache_positions need explicit position_ids")
             start = cache_positions.start
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        if logit_positions is not None and labels is not None:
-            raise ValueError("logit_positions returns logits; it cannot be combined with labels (a loss)")
+        if read_positions is not None and labels is not None:
+            raise ValueError("read_positions returns logits; it cannot be combined with labels (a loss)")
         attn_kwargs = attn_kwargs or {}
         if packed_kv_out is not None and "cu_seqlens" not in attn_kwargs:
             raise ValueError("packed_kv_out applies to packed sequences (cu_seqlens) only; use kv_caches otherwise")
         # Packed: the last block runs its queries and MLP at the read positions only, like last_logits_only.
-        read_in_last_block = logit_positions is not None and "cu_seqlens" in attn_kwargs
+        read_in_last_block = read_positions is not None and "cu_seqlens" in attn_kwargs
         h = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.config, position_ids, h.dtype)
         for i, layer in enumerate(self.layers):
             cache = kv_caches[i] if kv_caches is not None else None
             last = i == len(self.layers) - 1
             h = layer(h, cos, sin, attn_kwargs, cache, cache_positions, last_logits_only and last,
-                      logit_positions if read_in_last_block and last else None,
+                      read_positions if read_in_last_block and last else None,
                       packed_kv_out[i] if packed_kv_out is not None else None)
-        if logit_positions is not None and not read_in_last_block:
-            h = h.reshape(1, B * T, -1)[:, logit_positions]
+        if read_positions is not None and not read_in_last_block:
+            h = h.reshape(1, B * T, -1)[:, read_positions]
         return self.head(h, labels, reduction)
 
     def new_kv_caches(self, batch_size: int, max_len: int, dtype=None, device=None,

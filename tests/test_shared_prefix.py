@@ -169,7 +169,7 @@ def test_bad_prefix_layouts_are_errors():
 
 @pytest.mark.parametrize("prefix", ["none", "in_row", "cached", "cached_per_row"])
 def test_attention_at_some_positions_equals_packed_attention_there(prefix):
-    """query_positions (the last block of packed judging): the queries of a few flat positions give what the whole
+    """read_positions (the last block of packed judging): the queries of a few flat positions give what the whole
     packed call gives at those positions, whatever the prefix."""
     torch.manual_seed(0)
     q = torch.randn(2, 16, 4, 8)
@@ -185,17 +185,17 @@ def test_attention_at_some_positions_equals_packed_attention_there(prefix):
     positions = torch.tensor([3, 10, 15, 16, 19, 27, 31, 5])
     with torch.no_grad():
         whole = attention(q, k, v, **kwargs).reshape(1, 32, 4, 8)[:, positions]
-        some = attention(q.reshape(1, 32, 4, 8)[:, positions], k, v, query_positions=positions, **kwargs)
+        some = attention(q.reshape(1, 32, 4, 8)[:, positions], k, v, read_positions=positions, **kwargs)
     torch.testing.assert_close(some, whole, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match=r"query_positions must lie in 0..31"):
-        attention(q.reshape(1, 32, 4, 8)[:, :1], k, v, query_positions=torch.tensor([32]), **kwargs)
+    with pytest.raises(ValueError, match=r"read_positions must lie in 0..31"):
+        attention(q.reshape(1, 32, 4, 8)[:, :1], k, v, read_positions=torch.tensor([32]), **kwargs)
     with pytest.raises(ValueError, match=r"need queries \[1, N, H, D\]"):
-        attention(q, k, v, query_positions=positions, **kwargs)
+        attention(q, k, v, read_positions=positions, **kwargs)
 
 
 @pytest.mark.parametrize("prefix_source", ["in_row", "kv_cache"])
-def test_logit_positions_of_packed_rows_equal_the_whole_pass_there(model, prefix_source):
-    """With logit_positions the last block runs at those positions only; the logits there are the whole pass's."""
+def test_read_positions_of_packed_rows_equal_the_whole_pass_there(model, prefix_source):
+    """With read_positions the last block runs at those positions only; the logits there are the whole pass's."""
     prefix, exs = examples(n=6, seed=2)
     seq_len = 48
     batch = collate(pack(exs, seq_len, prefix), seq_len)
@@ -210,7 +210,7 @@ def test_logit_positions_of_packed_rows_equal_the_whole_pass_there(model, prefix
         n = input_ids.numel()
         positions = torch.tensor([n - 1, 0, n // 2, 7, n // 3])
         whole = model(input_ids, position_ids=position_ids, **kwargs).reshape(1, n, -1)[:, positions]
-        some = model(input_ids, position_ids=position_ids, logit_positions=positions, **kwargs)
+        some = model(input_ids, position_ids=position_ids, read_positions=positions, **kwargs)
     torch.testing.assert_close(some, whole, rtol=1e-5, atol=1e-5)
 
 

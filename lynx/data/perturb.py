@@ -528,7 +528,6 @@ _COUNTRIES = ["Canada", "Brazil", "Japan", "Germany", "India", "Australia", "Swe
 
 
 def perturb_added_claim(gold: str, ctx: Context, rng: random.Random) -> Iterator[Perturbation]:
-    info = ctx.info
     templates = list(_CLAIMS[_DOMAIN.get(ctx.source, "general")])
     rng.shuffle(templates)
     for template in templates[:2]:
