@@ -143,6 +143,7 @@ class Decoder:
         self.last_token = torch.full((B,), pad_id, dtype=torch.long, device=device)  # what each row feeds next
         self.free = list(range(B))  # idle rows
 
+    @torch.no_grad()
     def prefill(self, min_prompts: int) -> None:
         """Prefill the next waiting prompts, at least min_prompts and more while the pass stays within
         prefill_tokens, as one packed sequence: each prompt's own tokens (after the shared prefix) attend causally
@@ -218,6 +219,7 @@ class Decoder:
                 first_logits.append(logits)
             self.free += self.choose_tokens(rows, torch.stack(first_logits))
 
+    @torch.no_grad()
     def decode_one_token(self) -> torch.Tensor:
         """One decode step for every row at its own slot: fp32 logits [B, V]. Idle rows (no prompt left to take)
         write at their last slot, which no live row reads, and their logits are discarded: cheaper than reshaping the
