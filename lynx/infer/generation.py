@@ -248,23 +248,10 @@ class Decoder:
         return result
 
 
-def run_generation(
-    model: Llama,
-    prompts: list[list[int]],
-    *,
-    max_new_tokens: int,
-    stop_ids=(),
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    pad_id: int = 0,
-    watch_ids: list[int] | None = None,
-    share_prefix: bool = True,
-    batch_size: int | None = None,
-    prefill_tokens: int = PREFILL_TOKENS,
-    progress: Callable[[int], None] | None = None,
-) -> GenerationResult:
-    """Generate for token-id prompts (of any lengths). See the module docstring for the conventions.
+def run_generation(model: Llama, prompts: list[list[int]], **options) -> GenerationResult:
+    """Generate for token-id prompts (of any lengths). See the module docstring for the conventions. options:
+    Decoder's keyword arguments (max_new_tokens, stop_ids, temperature, top_p, seed, pad_id, watch_ids,
+    share_prefix, batch_size, prefill_tokens, progress), max_new_tokens required.
 
     batch_size: rows decoded together (default: every prompt at once). With more prompts than rows, batching is
     continuous: a row whose sequence ends takes the next waiting prompt at once (it joins the next decode step), so
@@ -280,28 +267,10 @@ def run_generation(
     watch_ids: token ids whose logits are recorded at every step (the judge reads PASS vs FAIL from them).
     """
     if not prompts:
-        return GenerationResult([], [], [] if watch_ids is not None else None)
-    return Decoder(
-        model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, temperature=temperature, top_p=top_p,
-        seed=seed, pad_id=pad_id, watch_ids=watch_ids, share_prefix=share_prefix, batch_size=batch_size,
-        prefill_tokens=prefill_tokens, progress=progress,
-    ).decode_n_tokens()
+        return GenerationResult([], [], [] if options.get("watch_ids") is not None else None)
+    return Decoder(model, prompts, **options).decode_n_tokens()
 
 
-def generate(
-    model: Llama,
-    prompts: list[list[int]],
-    *,
-    max_new_tokens: int,
-    stop_ids=(),
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    pad_id: int = 0,
-    batch_size: int | None = None,
-) -> list[list[int]]:
-    """New token ids per prompt (stop token excluded); greedy when temperature == 0."""
-    return run_generation(
-        model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, temperature=temperature, top_p=top_p,
-        seed=seed, pad_id=pad_id, batch_size=batch_size,
-    ).tokens
+def generate(model: Llama, prompts: list[list[int]], **options) -> list[list[int]]:
+    """New token ids per prompt (stop token excluded); greedy when temperature == 0. options: run_generation's."""
+    return run_generation(model, prompts, **options).tokens
