@@ -185,7 +185,8 @@ def tokenize_row(tokenizer, row: dict, *, max_seq_len: int, overflow="truncate_d
 
 def answer_token_span(tokenizer, messages: list[dict], ids: list[int]) -> tuple[int, int] | None:
     """Token positions [start, end) of the ANSWER section's text in a Lynx prompt's chat ids: the tokens that start
-    inside it (Llama-3's last one may carry the newlines after it). None when the user turn has no ANSWER section."""
+    inside it (Llama-3's last one may carry the newlines after it). None when the user turn has no ANSWER section or
+    the rendered conversation does not encode to `ids`."""
     from lynx.prompt import ANSWER_END, DOCUMENT_END
 
     user = next((m["content"] for m in messages if m["role"] == "user"), "")
