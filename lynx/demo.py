@@ -70,7 +70,7 @@ def verdict_only(row: dict) -> dict:
 
 def question_key(row: dict) -> str:
     """The builder's id without its -pass / -fail ending: one value per question, for its PASS and FAIL rows."""
-    return re.sub(r"-(pass|fail)(-\d+)?$", "", row["id"])
+    return re.sub(r"-(pass|fail)(-?\d+)?$", "", row["id"])
 
 
 def write_training_rows(chat_train: Path, target: str, out: Path) -> Path:
@@ -106,6 +106,7 @@ def stratified_subset(rows: list[dict], n: int | None, seed: int = 0) -> list[di
 
 DEMO_DEFAULTS = {
     "train_contexts": None,  # training documents (python -m lynx.data build --train-contexts); None: windows
+    "train_document_edits": False,  # also the documents edited to fit a perturbed answer (--train-document-edits)
     "context_tokens": 0,  # evidence budget the judge reads (judge.context_tokens, lynx.json); 0: whole documents
     "max_passage_chars": 300,  # the windowed secondary evaluation (and training windows without train_contexts)
     "train_target": "verdict",  # what the assistant turn trains on (see write_training_rows)
@@ -449,6 +450,7 @@ def main(argv=None) -> int:
     # Training rows show the configured mix of contexts; validation and test rows keep whole passages.
     train_forms = (["--train-contexts", demo["train_contexts"]] if demo["train_contexts"] else
                    ["--max-passage-chars", str(demo["max_passage_chars"])])
+    train_forms += ["--train-document-edits"] if demo["train_document_edits"] else []
     run([*build, "--out", str(data), *train_forms], "build PASS/FAIL data", timings, data / "stats.json")
     if base.suffix == ".gguf":
         run([sys.executable, "-m", "lynx.convert", "gguf", str(base), str(base_dir), "--dtype", "bfloat16"],

@@ -309,6 +309,9 @@ def test_cli(tmp_path, capsys):
     assert main(["build", "--out", str(out), "--sources", "drop", "--max-per-source", "10", "--no-token-stats",
                  "--train-fail-variants", "2"]) == 0
     assert json.loads((out / "stats.json").read_text())["train_fail_variants"] == 2
+    assert main(["build", "--out", str(out), "--sources", "drop", "--max-per-source", "40", "--no-token-stats",
+                 "--train-document-edits"]) == 0
+    assert json.loads((out / "stats.json").read_text())["train_document_edits"] > 0
     assert main(["build", "--out", str(out), "--train-fail-variants", "0"]) == 1
     with pytest.raises(SystemExit):
         main(["build", "--out", str(out), "--sources", "ragtruth"])
@@ -345,6 +348,44 @@ def test_train_fail_variants_add_training_pairs_only(tmp_path):
     assert stats["train_fail_variants"] == 3
     with pytest.raises(ValueError, match="train_fail_variants"):
         build(tmp_path / "zero", train_fail_variants=0, **kwargs)
+
+
+def _document_and_answer(row):
+    """(DOCUMENT, ANSWER) of a chat row's Lynx prompt."""
+    from lynx.prompt import DOCUMENT_END, DOCUMENT_START
+
+    content = row["messages"][0]["content"]
+    start, end = content.index(DOCUMENT_START) + len(DOCUMENT_START), content.rindex(DOCUMENT_END)
+    return content[start:end], content[end + len(DOCUMENT_END):].split("\n--\n")[0].strip()
+
+
+def test_train_document_edits_add_four_rows_only_a_comparison_separates(tmp_path):
+    kwargs = dict(max_per_source=60, token_stats=False, log=lambda *a: None, train_contexts="window:300")
+    build(tmp_path / "plain", seed=17, **kwargs)
+    stats = build(tmp_path / "edits", seed=17, train_document_edits=True, **kwargs)
+    plain, edits = _digest(tmp_path / "plain"), _digest(tmp_path / "edits")
+    for split in ("val", "test"):  # evaluation rows are not edited
+        for kind in ("chat", "halubench"):
+            assert plain[f"{kind}_{split}.jsonl"] == edits[f"{kind}_{split}.jsonl"]
+    base = {r["id"]: r for r in read(tmp_path / "plain" / "chat_train.jsonl")}
+    rows = {r["id"]: r for r in read(tmp_path / "edits" / "chat_train.jsonl")}
+    assert all(rows[i] == r for i, r in base.items())  # every plain row is still there, unchanged
+    edited = [r for r in rows.values() if (r["perturbation"] or {}).get("type") == "document_edit"]
+    assert len(edited) == stats["train_document_edits"] > 0.25 * len(base) / 2
+    for fail in edited:
+        question = fail["id"][: -len("-fail2")]
+        assert fail["id"] == question + "-fail2" and fail["label"] == "FAIL"
+        gold_pass, new_pass = rows[question + "-pass"], rows[question + "-pass2"]
+        document, gold = _document_and_answer(gold_pass)
+        edited_document, answer = _document_and_answer(fail)
+        assert answer == gold and edited_document != document  # the gold answer, on the edited document
+        assert _document_and_answer(new_pass)[0] == edited_document and new_pass["label"] == "PASS"
+        for e in fail["perturbation"]["edits"]:  # the document now says the new words where it said the old ones
+            assert e["after"].strip() in edited_document and e["after"].strip() in _document_and_answer(new_pass)[1]
+        # Outside the replaced words the document is the same text.
+        changed = [op for op in difflib.SequenceMatcher(None, document, edited_document, autojunk=False).get_opcodes()
+                   if op[0] != "equal"]
+        assert sum(i2 - i1 for _, i1, i2, _, _ in changed) <= sum(len(e["before"]) for e in fail["perturbation"]["edits"]) * 3
 
 
 def test_word_checks_look_up_each_answer_word_like_the_lexical_rule():

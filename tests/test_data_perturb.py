@@ -4,7 +4,8 @@ import random
 import re
 
 from lynx.data.perturb import (
-    PERTURBERS, TYPES, Context, Edit, Perturbation, PerturbStats, apply_edits, check, new_number_text, perturb,
+    PERTURBERS, TYPES, Context, Edit, Perturbation, PerturbStats, apply_edits, check, edit_document, invert,
+    new_number_text, perturb,
 )
 
 PASSAGE = (
@@ -220,3 +221,31 @@ def test_perturb_is_deterministic_and_covers_all_types():
         pattern = allowed[p.kind].get((e.start, e.before))
         assert pattern is not None and re.fullmatch(pattern, e.after) and e.after != e.before, p
         assert p.answer == splice(gold, p.edits)
+
+
+def test_edit_document_says_what_the_perturbed_answer_says_in_the_sentence_that_states_it():
+    passage = "The trial began on 21 May. Patients were treated for 21 days. Revenue rose by 2.5%, and 21 sites joined."
+    gold = "They were treated for 21 days."
+    p = apply_edits(gold, [Edit(gold.index("21"), "21", "37")], "number")
+    edited = edit_document(passage, gold, p)
+    # Only the sentence sharing the answer's words changes; "21 May", "21 sites" and "2.5%" stay.
+    assert edited == "The trial began on 21 May. Patients were treated for 37 days. Revenue rose by 2.5%, and 21 sites joined."
+    back = invert(gold, p)
+    assert back.answer == gold and back.kind == "number"
+    assert splice(p.answer, back.edits) == gold
+    # A name of several words, and an answer with two edits.
+    gold2 = "Barack Obama met Angela Merkel"
+    p2 = apply_edits(gold2, [Edit(0, "Barack Obama", "Angela Merkel"), Edit(17, "Angela Merkel", "Barack Obama")],
+                     "entity")
+    assert "Angela Merkel met Barack Obama in Berlin" in edit_document(PASSAGE, gold2, p2)
+    assert invert(gold2, p2).answer == gold2
+
+
+def test_edit_document_refuses_what_is_not_a_replacement_stated_in_the_document():
+    gold = "Patients were treated for 21 days."
+    added = apply_edits(gold, [Edit(len(gold), "", " It was cheap.")], "added_claim")
+    assert edit_document(PASSAGE, gold, added) is None  # not a replacement
+    absent = apply_edits("It took 22 days", [Edit(8, "22", "30")], "number")
+    assert edit_document(PASSAGE, "It took 22 days", absent) is None  # "22" is not in the passage
+    piece = apply_edits("a 2 percent rise", [Edit(2, "2", "7")], "number")
+    assert edit_document("Revenue rose by 2.5% this year.", "a 2 percent rise", piece) is None  # "2" of "2.5" is not "2"

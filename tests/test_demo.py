@@ -11,7 +11,7 @@ import pytest
 
 import lynx.demo as demo
 from lynx.baselines import baseline_rows, fit_overlap_threshold, fit_p_pass_threshold, unsupported_fraction
-from lynx.demo import (REPO, paired_bootstrap_gain, split_demo_config, stratified_subset, verdict_only,
+from lynx.demo import (REPO, paired_bootstrap_gain, question_key, split_demo_config, stratified_subset, verdict_only,
                        with_threshold, write_training_rows)
 from lynx.evaluate import compute_metrics
 from lynx.judge import FAST_PREFIX
@@ -83,6 +83,12 @@ def chat_row(label):
     return {"messages": [{"role": "user", "content": "Q D A"},
                          {"role": "assistant", "content": f'{{"REASONING": ["r"], "SCORE": "{label}"}}'}],
             "id": f"x-{label.lower()}", "label": label}
+
+
+def test_question_key_joins_every_row_of_a_question():
+    ids = ["covidqa-12-pass", "covidqa-12-fail", "covidqa-12-pass2", "covidqa-12-fail2", "covidqa-12-fail-3"]
+    assert {question_key({"id": i}) for i in ids} == {"covidqa-12"}
+    assert question_key({"id": "drop-7_1-pass"}) == "drop-7_1"
 
 
 def test_verdict_only_rows_are_the_completion_the_fast_judge_scores(tmp_path):

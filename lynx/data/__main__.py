@@ -49,6 +49,11 @@ def main(argv=None) -> int:
     b.add_argument("--train-fail-variants", type=int, default=1, metavar="K",
                    help="FAIL answers per training question, each next to a copy of its PASS example (default 1); "
                         "validation and test keep one pair per question")
+    b.add_argument("--train-document-edits", action="store_true",
+                   help="also show each training question with its document edited to say what a replacement "
+                        "perturbation of its answer says (a number, date, unit, name or antonym): the gold answer "
+                        "becomes FAIL and the perturbed one PASS on that document, so only comparing the answer with "
+                        "the document separates the four rows (validation and test rows are not edited)")
     b.add_argument("--split-fractions", type=float, nargs=3, default=list(DEFAULT_FRACTIONS),
                    metavar=("TRAIN", "VAL", "TEST"), help="share of examples per split (default 0.7 0.15 0.15)")
     b.add_argument("--raw-dir", default=None, help="raw sources folder (default: the repository's data/raw)")
@@ -97,7 +102,8 @@ def main(argv=None) -> int:
         build(args.out, seed=args.seed, sources=sources, source_files=source_files, max_per_source=args.max_per_source,
               max_passage_chars=args.max_passage_chars, fractions=tuple(args.split_fractions),
               raw_dir=args.raw_dir, token_stats=not args.no_token_stats, perturber=perturber,
-              train_fail_variants=args.train_fail_variants, train_contexts=args.train_contexts)
+              train_fail_variants=args.train_fail_variants, train_contexts=args.train_contexts,
+              train_document_edits=args.train_document_edits)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

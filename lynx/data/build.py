@@ -41,7 +41,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from lynx.data.perturb import Context, Edit, Perturbation, PerturbStats, perturb
+from lynx.data.perturb import (DOCUMENT_EDIT_TYPES, Context, Edit, Perturbation, PerturbStats, edit_document, invert,
+                               perturb)
 from lynx.data.reasoning import evidence_span, fail_reasoning, pass_reasoning, target
 from lynx.data.sources import SOURCES, Row, load_source
 from lynx.data.staging import write_through_staging
@@ -280,7 +281,8 @@ def _token_stats(examples: list[dict]) -> tuple[dict | None, str]:
 @write_through_staging
 def build(out_dir, *, seed: int = 17, sources=SOURCES, source_files=(), max_per_source: int | None = None,
           max_passage_chars: int | None = None, fractions=DEFAULT_FRACTIONS, raw_dir=None, token_stats: bool = True,
-          perturber: Callable | None = None, train_fail_variants: int = 1, train_contexts=None, log=print) -> dict:
+          perturber: Callable | None = None, train_fail_variants: int = 1, train_contexts=None,
+          train_document_edits: bool = False, log=print) -> dict:
     """Build the dataset into `out_dir`; returns the statistics (also saved as stats.json). The files are written
     into a temporary folder next to out_dir and moved into it at the end: a build that fails leaves out_dir as it was.
 
@@ -297,6 +299,10 @@ def build(out_dir, *, seed: int = 17, sources=SOURCES, source_files=(), max_per_
     evidence always kept, the other chunks ranked as the judge ranks them; ("whole", 0) the passage itself. A
     question's PASS and FAIL rows share the form. Validation and test rows keep whole passages (windowed when
     max_passage_chars is given): the judge selects from them as it does from a user's documents.
+    train_document_edits: each training question whose answer has a replacement perturbation (its FAIL answer's, or
+    one drawn of DOCUMENT_EDIT_TYPES) also comes with the document edited the same way (lynx.data.perturb
+    .edit_document): (edited, gold) FAIL and (edited, perturbed) PASS, rows only a comparison of answer and document
+    can separate. Validation and test rows are not edited.
     """
     if isinstance(train_contexts, str):
         train_contexts = parse_train_contexts(train_contexts)
@@ -322,6 +328,7 @@ def build(out_dir, *, seed: int = 17, sources=SOURCES, source_files=(), max_per_
              "max_passage_chars": max_passage_chars, "split_fractions": list(fractions),
              **({"train_fail_variants": train_fail_variants} if train_fail_variants > 1 else {}),
              **({"train_contexts": ",".join(map(format_train_context, train_contexts))} if train_contexts else {}),
+             **({"train_document_edits": 0} if train_document_edits else {}),
              "loader_skipped": {}, "questions": {}, "grouping": {}, "perturbation": {}}
     perturb_stats = PerturbStats()
     examples = []
@@ -405,6 +412,20 @@ def build(out_dir, *, seed: int = 17, sources=SOURCES, source_files=(), max_per_
                 fail_passage = passage if form is None else training_context(row, q.answer, form)
                 examples.append(_example(row, split, fail_passage, q.answer, "FAIL",
                                          fail_reasoning(row.gold_answer, q, ctx), q, comp, variant))
+            if split == "train" and train_document_edits:
+                rng = random.Random(f"{seed}:{row.id}:document")
+                q = p if edit_document(pass_passage, row.gold_answer, p) else \
+                    perturb(row.gold_answer, ctx, rng, types=DOCUMENT_EDIT_TYPES)
+                edited = edit_document(pass_passage, row.gold_answer, q) if q else None
+                if edited:
+                    stats["train_document_edits"] += 1
+                    back = invert(row.gold_answer, q)  # how the gold answer is wrong about the edited document
+                    shown = Perturbation(row.gold_answer, "document_edit", q.edits)
+                    examples.append(_example(row, split, edited, row.gold_answer, "FAIL",
+                                             fail_reasoning(q.answer, back, Context(row.question, edited)), shown,
+                                             comp, len(fails) + 1))
+                    examples.append(_example(row, split, edited, q.answer, "PASS",
+                                             pass_reasoning(row.question, q.answer, edited), None, comp, len(fails) + 1))
     stats["perturbation"]["all"] = perturb_stats.table()
     if train_contexts:
         stats["train_context_questions"] = dict(sorted(context_forms.items()))

@@ -563,6 +563,59 @@ PERTURBERS: dict[str, Callable[[str, Context, random.Random], Iterator[Perturbat
 }
 
 
+# -------------------------------------------------------------------------------------------- document edits
+
+# Types whose edits replace a word or phrase of the answer with one of the same kind: the same replacement made in
+# the document gives a document that supports the perturbed answer and contradicts the gold one.
+DOCUMENT_EDIT_TYPES = ("number", "number_swap", "unit", "date", "entity", "antonym")
+
+
+def _occurrences(text: str) -> re.Pattern:
+    # Whole words only, and not a piece of a longer number ("2" in "2.5" or "1,200").
+    return re.compile(rf"(?<![\w.,]){re.escape(text)}(?![\w]|[.,]\d)")
+
+
+def edit_document(passage: str, gold: str, p: Perturbation) -> str | None:
+    """The passage with each edit's original words replaced by its new words in the sentence that states them, so
+    that it says what the perturbed answer says; None when the perturbation is not a replacement of
+    DOCUMENT_EDIT_TYPES or an edit's original words are in no sentence of the passage. The sentence is the one,
+    among those containing the words, that shares the most words with the answer around the edit: "21" becomes "37"
+    in "hospitalised for 21 days", not in "As at 21 February". A training question then comes as four rows that only
+    a comparison separates: (passage, gold) PASS, (passage, perturbed) FAIL, (edited, gold) FAIL, (edited, perturbed)
+    PASS; neither the answer nor the document alone gives the label away."""
+    if p.kind not in DOCUMENT_EDIT_TYPES or not p.edits:
+        return None
+    info, spans = passage_info(passage), []
+    for e in p.edits:  # every edit found in the original passage, then all made at once (an edit may swap two names)
+        before, after = e.before.strip(), e.after.strip()
+        if not before or not after or normalize(before) == normalize(after):
+            return None
+        pattern = _occurrences(before)
+        holding = [(s, t) for s, t in info.sentences if pattern.search(passage, s, t)]
+        if not holding:
+            return None
+        around = content_words(" ".join(gold[:e.start].split()[-8:] + gold[e.start + len(e.before):].split()[:8]))
+        s, t = max(holding, key=lambda span: len(around & content_words(passage[span[0]:span[1]])))
+        spans += [(m.start(), m.end(), after) for m in pattern.finditer(passage, s, t)]
+    out, end = [], len(passage)
+    for start, stop, after in sorted(spans, reverse=True):
+        if stop > end:  # overlaps a replacement already made
+            continue
+        out += [passage[stop:end], after]
+        end = start
+    return passage[:end] + "".join(reversed(out))
+
+
+def invert(gold: str, p: Perturbation) -> Perturbation:
+    """The perturbation that turns p.answer back into gold (edit offsets in p.answer): how the gold answer is wrong
+    about an edited document."""
+    edits, shift = [], 0
+    for e in p.edits:
+        edits.append(Edit(e.start + shift, e.after, e.before))
+        shift += len(e.after) - len(e.before)
+    return apply_edits(p.answer, edits, p.kind)
+
+
 # ------------------------------------------------------------------------------------------------------- validation
 
 def _window(text: str, start: int, length: int, n_words: int = 3) -> str:
