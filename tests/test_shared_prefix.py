@@ -239,3 +239,16 @@ def test_packed_kv_out_holds_each_documents_keys_and_values_as_alone(model):
                 torch.testing.assert_close(o.v[:, :, s:e], a.v[:, :, P:], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="packed_kv_out applies to packed sequences"):
         model(torch.tensor([prefix]), inference=InferenceOptions(packed_kv_out=out))
+
+
+def test_caches_under_the_other_passs_name_are_refused(model):
+    """Unpacked passes write kv_caches, packed ones read prefix_caches: a cache list under the other name is an error
+    (not a silent write into a prefix, or a read of a cache meant to be filled)."""
+    caches = model.new_kv_caches(1, P)
+    ids, packed = torch.tensor([[5] * 8]), {"cu_seqlens": torch.tensor([0, 3, 8], dtype=torch.int32)}
+    with pytest.raises(ValueError, match="prefix_caches apply to packed sequences"):
+        model(ids, inference=InferenceOptions(prefix_caches=caches))
+    with pytest.raises(ValueError, match="kv_caches are written by unpacked passes"):
+        model(ids, attn_kwargs=packed, inference=InferenceOptions(kv_caches=caches))
+    with pytest.raises(ValueError, match="last_logits_only does not apply to packed sequences"):
+        model(ids, attn_kwargs=packed, inference=InferenceOptions(last_logits_only=True))
