@@ -7,6 +7,7 @@ The model knows nothing of parallelism: FSDP2, activation checkpointing and comp
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -47,8 +48,8 @@ class KVCache:
     - any other write (a decode step): the whole buffer, S = max_len, and the caller's mask [B, 1, T, max_len] must
       hide the slots not written yet. Decode reads the buffer in place: a slice of the written part runs other
       kernels (other last bits in the logits; slower in bf16).
-    Packed sequences (`cu_seqlens`) do not write: the whole cache is a prefix every document attends to
-    (lynx.attention's cached prefix; `Llama.forward`).
+    Packed sequences (`cu_seqlens`) do not write: they read whole caches as a prefix every document attends to
+    (lynx.attention's cached prefix; `InferenceOptions.prefix_caches`).
     """
 
     def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, *, dtype, device=None,
@@ -76,6 +77,61 @@ class KVCache:
         return self.k[:, :, :end].transpose(1, 2), self.v[:, :, :end].transpose(1, 2)
 
 
+@dataclasses.dataclass(frozen=True)
+class InferenceOptions:
+    """What an inference pass reads and writes besides its tokens: `Llama.forward(..., inference=...)`. Training
+    passes none. The lists hold one KVCache per layer (`Llama.new_kv_caches`); every block reads the same object,
+    under the same names, and takes its own layer's cache from each list.
+
+    kv_caches: written at the slots cache_positions (default 0..T-1; a tensor [B]: one slot per row, which then needs
+    explicit position_ids); what attention then reads, and so the mask it needs, is KVCache.update's rule. Unpacked
+    passes only.
+    prefix_caches: packed sequences (cu_seqlens) only: read, not written; each whole cache is a prefix every document
+    attends to (judging and generation fill them once with the prompts' shared prefix; position_ids then start after
+    it).
+    packed_kv_out: packed sequences only: caches ([1, H_kv, >= B * T, D]) that receive every token's keys and values
+    at slots 0..B*T-1, flat (generation prefills packed prompts and copies each one's into its row).
+    last_logits_only: logits of the last position only, [B, 1, V] (generation: a prefill needs no more). The last
+    block then runs its query, attention output and MLP for that position alone (every position's keys and values
+    are still computed and cached): nothing else reads the other positions' final hidden states, and projecting
+    them onto a 128k vocabulary would be most of a prefill's work. Unpacked passes only.
+    read_positions: logits [1, N, V] of these N flat positions of the B * T tokens only (packed judging and
+    generation's packed prefill read one position per document). With packed sequences the last block, too, runs its
+    query, attention output and MLP at those positions only (lynx.attention.attention takes them under this name).
+    """
+
+    kv_caches: list[KVCache] | None = None
+    cache_positions: range | torch.Tensor | None = None
+    prefix_caches: list[KVCache] | None = None
+    packed_kv_out: list[KVCache] | None = None
+    last_logits_only: bool = False
+    read_positions: torch.Tensor | None = None
+
+    def check(self, packed: bool, loss: bool) -> None:
+        """Refuse options that do not apply to this pass (packed: cu_seqlens in attn_kwargs; loss: labels given)."""
+        if self.last_logits_only and loss:
+            raise ValueError("last_logits_only returns logits; it cannot be combined with labels (a loss)")
+        if self.read_positions is not None and loss:
+            raise ValueError("read_positions returns logits; it cannot be combined with labels (a loss)")
+        if self.last_logits_only and packed:
+            raise ValueError("last_logits_only does not apply to packed sequences (cu_seqlens)")
+        if self.packed_kv_out is not None and not packed:
+            raise ValueError("packed_kv_out applies to packed sequences (cu_seqlens) only; use kv_caches otherwise")
+        if self.prefix_caches is not None and not packed:
+            raise ValueError("prefix_caches apply to packed sequences (cu_seqlens) only; use kv_caches otherwise")
+        if self.kv_caches is not None and packed:
+            raise ValueError("packed sequences read a cached prefix (prefix_caches); kv_caches are written by unpacked "
+                             "passes only")
+
+    def select(self, t: torch.Tensor) -> torch.Tensor:
+        """t [B, T, C] at the positions a block outputs: the last ([B, 1, C]), the read ones ([1, N, C]), or all."""
+        if self.last_logits_only:
+            return t[:, -1:]
+        if self.read_positions is not None:
+            return t.reshape(1, -1, t.shape[-1])[:, self.read_positions]
+        return t
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -86,33 +142,33 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.rope = apply_rope  # (x, cos, sin) -> rotated x; lynx.infer.cpu_fast.compile_ropes puts in a fused one
 
-    def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache: KVCache | None = None,
-                cache_positions: range | torch.Tensor | None = None, last_only: bool = False,
-                read_positions: torch.Tensor | None = None, packed_kv_out: KVCache | None = None):
+    def forward(self, x, cos, sin, attn_kwargs: dict, inference: InferenceOptions | None = None, layer: int = 0):
+        """inference: this pass's options (Llama.forward sets their positions per block), of whose cache lists this
+        attention uses entry `layer`."""
         B, T, _ = x.shape
         k = self.rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if packed_kv_out is not None:  # packed: every token's keys and values, flat, for generation to place in rows
-            packed_kv_out.update(range(B * T), k.reshape(1, B * T, *k.shape[2:]), v.reshape(1, B * T, *v.shape[2:]))
-        if last_only:  # the last position's query only; every position's keys and values (they fill the cache)
-            x, cos, sin = x[:, -1:], cos[:, -1:], sin[:, -1:]
-        elif read_positions is not None:  # packed: these flat positions' queries only, as one row
-            x, cos, sin = (t.reshape(1, B * T, t.shape[-1])[:, read_positions] for t in (x, cos, sin))
+        if inference is not None:
+            if inference.packed_kv_out is not None:  # every token's keys and values, flat, for generation to place
+                inference.packed_kv_out[layer].update(range(B * T), k.reshape(1, B * T, *k.shape[2:]),
+                                                      v.reshape(1, B * T, *v.shape[2:]))
+            # The queries of the positions output only; every position's keys and values (they fill the caches).
+            x, cos, sin = (inference.select(t) for t in (x, cos, sin))
         q = self.rope(self.q_proj(x).view(*x.shape[:2], self.n_heads, self.head_dim), cos, sin)
-        if kv_cache is not None and "cu_seqlens" in attn_kwargs:
-            # Packed documents after a cached prefix: every segment also reads the cache's keys, and nothing is written.
-            attn_kwargs = {**attn_kwargs, "prefix_kv": (kv_cache.k.transpose(1, 2), kv_cache.v.transpose(1, 2))}
-        elif kv_cache is not None:
-            k, v = kv_cache.update(cache_positions, k, v)
-        if last_only:
-            if "cu_seqlens" in attn_kwargs:
-                raise ValueError("last_logits_only does not apply to packed sequences (cu_seqlens)")
-            # The last query sees every key (causal), or its row of the mask.
-            mask = attn_kwargs.get("attn_mask")
-            mask = torch.ones(B, 1, 1, k.shape[1], dtype=torch.bool, device=k.device) if mask is None else mask[:, :, -1:]
-            attn_kwargs = {"attn_mask": mask}
-        elif read_positions is not None:
-            attn_kwargs = {**attn_kwargs, "read_positions": read_positions}
+        if inference is not None:
+            if inference.prefix_caches is not None:  # every segment also reads the cached prefix's keys
+                prefix = inference.prefix_caches[layer]
+                attn_kwargs = {**attn_kwargs, "prefix_kv": (prefix.k.transpose(1, 2), prefix.v.transpose(1, 2))}
+            elif inference.kv_caches is not None:
+                k, v = inference.kv_caches[layer].update(inference.cache_positions, k, v)
+            if inference.last_logits_only:
+                # The last query sees every key (causal), or its row of the mask.
+                mask = attn_kwargs.get("attn_mask")
+                mask = (torch.ones(B, 1, 1, k.shape[1], dtype=torch.bool, device=k.device) if mask is None
+                        else mask[:, :, -1:])
+                attn_kwargs = {"attn_mask": mask}
+            elif inference.read_positions is not None:
+                attn_kwargs = {**attn_kwargs, "read_positions": inference.read_positions}
         out = attention(q, k, v, **attn_kwargs)
         return self.o_proj(out.reshape(*q.shape[:2], -1))
 
@@ -136,17 +192,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_kwargs: dict, kv_cache: KVCache | None = None,
-                cache_positions: range | torch.Tensor | None = None, last_only: bool = False,
-                read_positions: torch.Tensor | None = None, packed_kv_out: KVCache | None = None):
-        """last_only: output the last position only; read_positions (packed sequences): output these flat positions
-        only, [1, N, hidden]. Either way the keys and values still cover every position."""
-        h = self.self_attn(self.input_layernorm(x), cos, sin, attn_kwargs, kv_cache, cache_positions, last_only,
-                           read_positions, packed_kv_out)
-        if last_only:
-            x = x[:, -1:]
-        elif read_positions is not None:
-            x = x.reshape(1, -1, x.shape[-1])[:, read_positions]
+    def forward(self, x, cos, sin, attn_kwargs: dict, inference: InferenceOptions | None = None, layer: int = 0):
+        """Output [B, T, hidden], or with inference at the positions it selects (InferenceOptions.select); the keys
+        and values still cover every position."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, attn_kwargs, inference, layer)
+        if inference is not None:
+            x = inference.select(x)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -195,61 +246,45 @@ class Llama(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         attn_kwargs: dict | None = None,
-        kv_caches: list[KVCache] | None = None,
-        cache_positions: range | torch.Tensor | None = None,
         reduction: str = "mean",
-        last_logits_only: bool = False,
-        read_positions: torch.Tensor | None = None,
-        packed_kv_out: list[KVCache] | None = None,
+        inference: InferenceOptions | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V], or with `labels` the next-token loss (never materialising the logits).
 
-        position_ids: [B, T] (default: cache_positions, else 0..T-1); packed sequences restart them per document.
+        position_ids: [B, T] (default: the inference's cache_positions, else 0..T-1); packed sequences restart them
+        per document.
         attn_kwargs: passed to `lynx.attention.attention` (a mask for generation, segment info for packing).
-        kv_caches: one KVCache per layer (see `new_kv_caches`), written at the slots cache_positions (default
-        0..T-1, or one slot per row); what attention then reads, and so the mask it needs, is KVCache.update's rule.
-        With packed sequences (cu_seqlens in attn_kwargs) the caches are read, not written: each whole cache is a prefix
-        every document attends to (judging fills them once with the shared prompt prefix; position_ids then start
-        after it).
-        last_logits_only: logits of the last position only, [B, 1, V] (generation: a prefill needs no more). The last
-        block then runs its query, attention output and MLP for that position alone (every position's keys and values
-        are still computed and cached): nothing else reads the other positions' final hidden states, and projecting
-        them onto a 128k vocabulary would be most of a prefill's work.
-        read_positions: logits [1, N, V] of these N flat positions of the B * T tokens only (packed judging and
-        generation's packed prefill read one position per document). With packed sequences the last block, too, runs
-        its query, attention output and MLP at those positions only (Block, Attention and lynx.attention.attention
-        take them under the same name).
-        packed_kv_out: with packed sequences, one KVCache per layer ([1, H_kv, >= B * T, D]) that receives every
-        token's keys and values at slots 0..B*T-1, flat (generation prefills packed prompts and copies each one's
-        into its row).
+        reduction: the loss's, "mean" or "sum" (training sums over micro-batches).
+        inference: KV caches, and which positions' logits to return (InferenceOptions); None in training.
         """
         B, T = input_ids.shape
-        if last_logits_only and labels is not None:
-            raise ValueError("last_logits_only returns logits; it cannot be combined with labels (a loss)")
-        if cache_positions is None:
-            cache_positions = range(T)
+        attn_kwargs = attn_kwargs or {}
+        packed = "cu_seqlens" in attn_kwargs
+        cache_positions = range(T)
+        if inference is not None:
+            inference.check(packed, loss=labels is not None)
+            if inference.cache_positions is not None:
+                cache_positions = inference.cache_positions
         if position_ids is None:
             if isinstance(cache_positions, torch.Tensor):
                 raise ValueError("per-row cache_positions need explicit position_ids")
             start = cache_positions.start
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        if read_positions is not None and labels is not None:
-            raise ValueError("read_positions returns logits; it cannot be combined with labels (a loss)")
-        attn_kwargs = attn_kwargs or {}
-        if packed_kv_out is not None and "cu_seqlens" not in attn_kwargs:
-            raise ValueError("packed_kv_out applies to packed sequences (cu_seqlens) only; use kv_caches otherwise")
-        # Packed: the last block runs its queries and MLP at the read positions only, like last_logits_only.
-        read_in_last_block = read_positions is not None and "cu_seqlens" in attn_kwargs
+        inner = last = inference
+        if inference is not None:
+            # Blocks before the last output every position (the next block's keys and values need them). The last
+            # outputs the last position, or with packed sequences the read positions (lynx.attention takes them);
+            # unpacked, those are picked after it.
+            inner = dataclasses.replace(inference, cache_positions=cache_positions, last_logits_only=False,
+                                        read_positions=None)
+            last = dataclasses.replace(inference, cache_positions=cache_positions,
+                                       read_positions=inference.read_positions if packed else None)
         h = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.config, position_ids, h.dtype)
         for i, layer in enumerate(self.layers):
-            cache = kv_caches[i] if kv_caches is not None else None
-            last = i == len(self.layers) - 1
-            h = layer(h, cos, sin, attn_kwargs, cache, cache_positions, last_logits_only and last,
-                      read_positions if read_in_last_block and last else None,
-                      packed_kv_out[i] if packed_kv_out is not None else None)
-        if read_positions is not None and not read_in_last_block:
-            h = h.reshape(1, B * T, -1)[:, read_positions]
+            h = layer(h, cos, sin, attn_kwargs, last if i == len(self.layers) - 1 else inner, i)
+        if inference is not None and inference.read_positions is not None and not packed:
+            h = h.reshape(1, B * T, -1)[:, inference.read_positions]
         return self.head(h, labels, reduction)
 
     def new_kv_caches(self, batch_size: int, max_len: int, dtype=None, device=None,

@@ -123,7 +123,8 @@ def test_continuous_batching_refills_rows_and_changes_nothing(models, monkeypatc
 
     def counting_forward(input_ids, *a, _f=ours.forward, **k):
         rows.append(input_ids.shape[0])
-        decode_steps.append(isinstance(k.get("cache_positions"), torch.Tensor))  # one slot per row: a decode step
+        # one slot per row: a decode step
+        decode_steps.append(isinstance(getattr(k.get("inference"), "cache_positions", None), torch.Tensor))
         return _f(input_ids, *a, **k)
 
     monkeypatch.setattr(ours, "forward", counting_forward)
@@ -151,7 +152,7 @@ def test_prompts_are_prefilled_ahead_in_packed_passes_and_change_nothing(models,
     passes = []  # prompts and tokens per prefill pass
 
     def counting_forward(input_ids, *a, _f=ours.forward, **k):
-        if k.get("packed_kv_out") is not None:
+        if getattr(k.get("inference"), "packed_kv_out", None) is not None:
             passes.append((len(k["attn_kwargs"]["cu_seqlens"]) - 1, input_ids.shape[1]))
         return _f(input_ids, *a, **k)
 

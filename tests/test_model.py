@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_tiny_checkpoint, make_tiny_hf_model
 
-from lynx.model import KVCache, Llama
+from lynx.model import InferenceOptions, KVCache, Llama
 
 # Llama-3.1 style scaling, shrunk: with head_dim 16 and rope_theta 1e4 the longest wavelengths exceed 128 positions,
 # so the "llama3" rule changes several frequency bands and inputs longer than 128 tokens see the difference.
@@ -178,7 +178,8 @@ def test_last_logits_only_matches_the_full_forward(tiny_checkpoint):
     ids = input_ids(seq_len=40)
     B, T = ids.shape
     full = model(ids)
-    torch.testing.assert_close(model(ids, last_logits_only=True), full[:, -1:], rtol=0, atol=1e-5)
+    last_only = InferenceOptions(last_logits_only=True)
+    torch.testing.assert_close(model(ids, inference=last_only), full[:, -1:], rtol=0, atol=1e-5)
 
     # Left padding as generation builds it: row 0 has 7 padding slots, each padding query sees only itself.
     valid = torch.ones(B, T, dtype=torch.bool)
@@ -188,15 +189,15 @@ def test_last_logits_only_matches_the_full_forward(tiny_checkpoint):
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     kwargs = dict(position_ids=positions, attn_kwargs={"attn_mask": mask})
     full_caches, last_caches = model.new_kv_caches(B, T + 4), model.new_kv_caches(B, T + 4)
-    full = model(ids, kv_caches=full_caches, **kwargs)
-    last = model(ids, kv_caches=last_caches, last_logits_only=True, **kwargs)
+    full = model(ids, inference=InferenceOptions(kv_caches=full_caches), **kwargs)
+    last = model(ids, inference=InferenceOptions(kv_caches=last_caches, last_logits_only=True), **kwargs)
     torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=1e-5)
     for cache_full, cache_last in zip(full_caches, last_caches):
         torch.testing.assert_close(cache_last.k, cache_full.k, rtol=0, atol=0)
         torch.testing.assert_close(cache_last.v, cache_full.v, rtol=0, atol=0)
 
     with pytest.raises(ValueError, match="labels"):
-        model(ids, ids, last_logits_only=True)
+        model(ids, ids, inference=last_only)
 
 
 def test_kv_cache_update_writes_the_slots_and_returns_what_attention_reads():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from lynx import attention as attention_module
 from lynx.attention import attention
-from lynx.model import Llama
+from lynx.model import InferenceOptions, Llama
 from lynx.sft_data import IGNORE_INDEX, Example, collate, pack, shared_prefix
 from conftest import make_tiny_checkpoint
 from test_packed_attention import dense_reference
@@ -114,9 +114,10 @@ def test_each_document_sees_the_prefix_as_its_own(model, monkeypatch, path, pref
                            attn_kwargs={"cu_seqlens": batch["cu_seqlens"], "prefix_len": P})
         else:  # the prefix run once into KV caches; the rows then hold the documents only
             caches = model.new_kv_caches(1, P)
-            model(torch.tensor([prefix]), kv_caches=caches)
+            model(torch.tensor([prefix]), inference=InferenceOptions(kv_caches=caches))
             before = [c.k.clone() for c in caches]
-            logits = model(batch["input_ids"][:, P:], position_ids=batch["position_ids"][:, P:], kv_caches=caches,
+            logits = model(batch["input_ids"][:, P:], position_ids=batch["position_ids"][:, P:],
+                           inference=InferenceOptions(prefix_caches=caches),
                            attn_kwargs={"cu_seqlens": without_prefix(batch["cu_seqlens"], seq_len, P)})
             assert all(torch.equal(c.k, k) for c, k in zip(caches, before))  # read, not written
             logits = torch.cat([torch.zeros(len(sequences), P, logits.shape[-1]), logits], dim=1)  # same indexing
@@ -200,17 +201,19 @@ def test_read_positions_of_packed_rows_equal_the_whole_pass_there(model, prefix_
     seq_len = 48
     batch = collate(pack(exs, seq_len, prefix), seq_len)
     input_ids, position_ids, cu = batch["input_ids"], batch["position_ids"], batch["cu_seqlens"]
-    kwargs = {"attn_kwargs": {"cu_seqlens": cu, "prefix_len": P}}
+    kwargs, caches = {"attn_kwargs": {"cu_seqlens": cu, "prefix_len": P}}, None
     with torch.no_grad():
         if prefix_source == "kv_cache":
             caches = model.new_kv_caches(1, P)
-            model(torch.tensor([prefix]), kv_caches=caches)
+            model(torch.tensor([prefix]), inference=InferenceOptions(kv_caches=caches))
             input_ids, position_ids = input_ids[:, P:], position_ids[:, P:]
-            kwargs = {"kv_caches": caches, "attn_kwargs": {"cu_seqlens": without_prefix(cu, seq_len, P)}}
+            kwargs = {"attn_kwargs": {"cu_seqlens": without_prefix(cu, seq_len, P)}}
         n = input_ids.numel()
         positions = torch.tensor([n - 1, 0, n // 2, 7, n // 3])
-        whole = model(input_ids, position_ids=position_ids, **kwargs).reshape(1, n, -1)[:, positions]
-        some = model(input_ids, position_ids=position_ids, read_positions=positions, **kwargs)
+        whole = model(input_ids, position_ids=position_ids, inference=InferenceOptions(prefix_caches=caches),
+                      **kwargs).reshape(1, n, -1)[:, positions]
+        some = model(input_ids, position_ids=position_ids,
+                     inference=InferenceOptions(prefix_caches=caches, read_positions=positions), **kwargs)
     torch.testing.assert_close(some, whole, rtol=1e-5, atol=1e-5)
 
 
@@ -223,15 +226,29 @@ def test_packed_kv_out_holds_each_documents_keys_and_values_as_alone(model):
     caches = model.new_kv_caches(1, P)
     out = model.new_kv_caches(1, int(bounds[-1]))
     with torch.no_grad():
-        model(torch.tensor([prefix]), kv_caches=caches)
-        model(torch.tensor([[t for d in docs for t in d]]), kv_caches=caches, packed_kv_out=out,
+        model(torch.tensor([prefix]), inference=InferenceOptions(kv_caches=caches))
+        model(torch.tensor([[t for d in docs for t in d]]),
+              inference=InferenceOptions(prefix_caches=caches, packed_kv_out=out),
               position_ids=torch.tensor([[P + i for d in docs for i in range(len(d))]]),
               attn_kwargs={"cu_seqlens": bounds.to(torch.int32)})
         for d, s, e in zip(docs, bounds[:-1], bounds[1:]):
             alone = model.new_kv_caches(1, P + len(d))
-            model(torch.tensor([prefix + d]), kv_caches=alone)
+            model(torch.tensor([prefix + d]), inference=InferenceOptions(kv_caches=alone))
             for a, o in zip(alone, out):
                 torch.testing.assert_close(o.k[:, :, s:e], a.k[:, :, P:], rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(o.v[:, :, s:e], a.v[:, :, P:], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="packed_kv_out applies to packed sequences"):
-        model(torch.tensor([prefix]), packed_kv_out=out)
+        model(torch.tensor([prefix]), inference=InferenceOptions(packed_kv_out=out))
+
+
+def test_caches_under_the_other_passs_name_are_refused(model):
+    """Unpacked passes write kv_caches, packed ones read prefix_caches: a cache list under the other name is an error
+    (not a silent write into a prefix, or a read of a cache meant to be filled)."""
+    caches = model.new_kv_caches(1, P)
+    ids, packed = torch.tensor([[5] * 8]), {"cu_seqlens": torch.tensor([0, 3, 8], dtype=torch.int32)}
+    with pytest.raises(ValueError, match="prefix_caches apply to packed sequences"):
+        model(ids, inference=InferenceOptions(prefix_caches=caches))
+    with pytest.raises(ValueError, match="kv_caches are written by unpacked passes"):
+        model(ids, attn_kwargs=packed, inference=InferenceOptions(kv_caches=caches))
+    with pytest.raises(ValueError, match="last_logits_only does not apply to packed sequences"):
+        model(ids, attn_kwargs=packed, inference=InferenceOptions(last_logits_only=True))

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from lynx.model import Llama
+from lynx.model import InferenceOptions, Llama
 from lynx.sft_data import IGNORE_INDEX, Example, shared_prefix
 
 
@@ -116,7 +116,8 @@ class Decoder:
         self.prefix_caches = None
         if C:  # the prefix once, in a one-row cache; its keys and values then fill every admitted row's first C slots
             self.prefix_caches = model.new_kv_caches(1, C, zeroed=False)  # the prefix fills it
-            model(torch.tensor([prompts[0][:C]], device=device), kv_caches=self.prefix_caches, last_logits_only=True)
+            model(torch.tensor([prompts[0][:C]], device=device),
+                  inference=InferenceOptions(kv_caches=self.prefix_caches, last_logits_only=True))
 
         self.caches = model.new_kv_caches(B, total)
         for cache, prefix in zip(self.caches, self.prefix_caches or ()):  # every row's slots 0..C-1, for good
@@ -162,9 +163,10 @@ class Decoder:
         position_ids = torch.tensor([[C + i for o in own for i in range(len(o))]], device=device)
         cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
         packed_caches = self.model.new_kv_caches(1, bounds[-1], zeroed=False)  # every slot written (packed_kv_out)
+        inference = InferenceOptions(prefix_caches=self.prefix_caches, packed_kv_out=packed_caches,
+                                     read_positions=cu_seqlens[1:].long() - 1)
         logits = self.model(input_ids, position_ids=position_ids, attn_kwargs={"cu_seqlens": cu_seqlens},
-                            kv_caches=self.prefix_caches, packed_kv_out=packed_caches,
-                            read_positions=cu_seqlens[1:].long() - 1)[0].float()
+                            inference=inference)[0].float()
         self.ready.extend((i, logits[j], packed_caches, bounds[j], bounds[j + 1]) for j, i in enumerate(group))
 
     def place(self, b: int, prompt_index: int, packed_caches: list, start: int, end: int) -> None:
@@ -226,9 +228,10 @@ class Decoder:
         batch."""
         live = torch.tensor([i is not None for i in self.row_prompt], device=self.device)
         self.key_valid[live, self.slot[live]] = True
+        mask = self.key_valid[:, None, None, :]
+        inference = InferenceOptions(kv_caches=self.caches, cache_positions=self.slot, last_logits_only=True)
         logits = self.model(self.last_token[:, None], position_ids=self.positions[:, None],
-                            attn_kwargs={"attn_mask": self.key_valid[:, None, None, :]}, kv_caches=self.caches,
-                            cache_positions=self.slot, last_logits_only=True)[:, -1].float()
+                            attn_kwargs={"attn_mask": mask}, inference=inference)[:, -1].float()
         self.slot += live
         self.positions += live
         return logits

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from lynx.model import InferenceOptions
 from lynx.tokenizer import Tokenizer
 
 FAST_PREFIX = '{"REASONING": [], "SCORE": "'
@@ -97,8 +98,8 @@ def prefix_kv_caches(model, seq, device) -> list | None:
     if not P:
         return None
     caches = model.new_kv_caches(1, P, device=device, zeroed=False)  # the prefix fills it
-    model(torch.tensor([seq.input_ids[:P]], device=device), kv_caches=caches,
-          read_positions=torch.tensor([P - 1], device=device))
+    model(torch.tensor([seq.input_ids[:P]], device=device),
+          inference=InferenceOptions(kv_caches=caches, read_positions=torch.tensor([P - 1], device=device)))
     return caches
 
 
@@ -123,7 +124,7 @@ def packed_p_pass(model, seq, score_ids: tuple[list[int], list[int]], device,
         attn_kwargs = {"cu_seqlens": cu_seqlens.to(device), "prefix_len": P}
     logits = model(
         input_ids.to(device), position_ids=position_ids.to(device), attn_kwargs=attn_kwargs,
-        kv_caches=prefix_caches, read_positions=ends.to(device),
+        inference=InferenceOptions(prefix_caches=prefix_caches, read_positions=ends.to(device)),
     )[0].double()
     pass_ids, fail_ids = score_ids
     p = torch.sigmoid(torch.logsumexp(logits[:, pass_ids], -1) - torch.logsumexp(logits[:, fail_ids], -1))
