@@ -123,11 +123,13 @@ class InferenceOptions:
             raise ValueError("packed sequences read a cached prefix (prefix_caches); kv_caches are written by unpacked "
                              "passes only")
 
-    def select(self, t: torch.Tensor) -> torch.Tensor:
-        """t [B, T, C] at the positions a block outputs: the last ([B, 1, C]), the read ones ([1, N, C]), or all."""
+    def select(self, t: torch.Tensor, packed: bool) -> torch.Tensor:
+        """t [B, T, C] at the positions the last block outputs: the last ([B, 1, C]), with packed sequences the read
+        ones ([1, N, C], lynx.attention takes them too), or all (unpacked read positions are picked after the last
+        block). Blocks before the last output every position: the next block's keys and values need them."""
         if self.last_logits_only:
             return t[:, -1:]
-        if self.read_positions is not None:
+        if self.read_positions is not None and packed:
             return t.reshape(1, -1, t.shape[-1])[:, self.read_positions]
         return t
 
@@ -142,32 +144,35 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.rope = apply_rope  # (x, cos, sin) -> rotated x; lynx.infer.cpu_fast.compile_ropes puts in a fused one
 
-    def forward(self, x, cos, sin, attn_kwargs: dict, inference: InferenceOptions | None = None, layer: int = 0):
-        """inference: this pass's options (Llama.forward sets their positions per block), of whose cache lists this
-        attention uses entry `layer`."""
+    def forward(self, x, cos, sin, attn_kwargs: dict, inference: InferenceOptions | None = None, layer: int = 0,
+                last: bool = False):
+        """inference: this pass's options, of whose cache lists this attention uses entry `layer`; `last`: the model's
+        last block, whose queries are only the positions it outputs (InferenceOptions.select)."""
         B, T, _ = x.shape
+        packed = "cu_seqlens" in attn_kwargs
         k = self.rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if inference is not None:
             if inference.packed_kv_out is not None:  # every token's keys and values, flat, for generation to place
                 inference.packed_kv_out[layer].update(range(B * T), k.reshape(1, B * T, *k.shape[2:]),
                                                       v.reshape(1, B * T, *v.shape[2:]))
-            # The queries of the positions output only; every position's keys and values (they fill the caches).
-            x, cos, sin = (inference.select(t) for t in (x, cos, sin))
+            if last:  # the queries of the positions output only; every position's keys and values (caches need them)
+                x, cos, sin = (inference.select(t, packed) for t in (x, cos, sin))
         q = self.rope(self.q_proj(x).view(*x.shape[:2], self.n_heads, self.head_dim), cos, sin)
         if inference is not None:
             if inference.prefix_caches is not None:  # every segment also reads the cached prefix's keys
                 prefix = inference.prefix_caches[layer]
                 attn_kwargs = {**attn_kwargs, "prefix_kv": (prefix.k.transpose(1, 2), prefix.v.transpose(1, 2))}
             elif inference.kv_caches is not None:
-                k, v = inference.kv_caches[layer].update(inference.cache_positions, k, v)
-            if inference.last_logits_only:
+                positions = range(T) if inference.cache_positions is None else inference.cache_positions
+                k, v = inference.kv_caches[layer].update(positions, k, v)
+            if last and inference.last_logits_only:
                 # The last query sees every key (causal), or its row of the mask.
                 mask = attn_kwargs.get("attn_mask")
                 mask = (torch.ones(B, 1, 1, k.shape[1], dtype=torch.bool, device=k.device) if mask is None
                         else mask[:, :, -1:])
                 attn_kwargs = {"attn_mask": mask}
-            elif inference.read_positions is not None:
+            elif last and packed and inference.read_positions is not None:
                 attn_kwargs = {**attn_kwargs, "read_positions": inference.read_positions}
         out = attention(q, k, v, **attn_kwargs)
         return self.o_proj(out.reshape(*q.shape[:2], -1))
@@ -192,12 +197,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_kwargs: dict, inference: InferenceOptions | None = None, layer: int = 0):
-        """Output [B, T, hidden], or with inference at the positions it selects (InferenceOptions.select); the keys
-        and values still cover every position."""
-        h = self.self_attn(self.input_layernorm(x), cos, sin, attn_kwargs, inference, layer)
-        if inference is not None:
-            x = inference.select(x)
+    def forward(self, x, cos, sin, attn_kwargs: dict, inference: InferenceOptions | None = None, layer: int = 0,
+                last: bool = False):
+        """Output [B, T, hidden], or in the last block of an inference pass at the positions it selects
+        (InferenceOptions.select); the keys and values still cover every position."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, attn_kwargs, inference, layer, last)
+        if inference is not None and last:
+            x = inference.select(x, "cu_seqlens" in attn_kwargs)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -270,19 +276,10 @@ class Llama(nn.Module):
                 raise ValueError("per-row cache_positions need explicit position_ids")
             start = cache_positions.start
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        inner = last = inference
-        if inference is not None:
-            # Blocks before the last output every position (the next block's keys and values need them). The last
-            # outputs the last position, or with packed sequences the read positions (lynx.attention takes them);
-            # unpacked, those are picked after it.
-            inner = dataclasses.replace(inference, cache_positions=cache_positions, last_logits_only=False,
-                                        read_positions=None)
-            last = dataclasses.replace(inference, cache_positions=cache_positions,
-                                       read_positions=inference.read_positions if packed else None)
         h = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.config, position_ids, h.dtype)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, attn_kwargs, last if i == len(self.layers) - 1 else inner, i)
+            h = layer(h, cos, sin, attn_kwargs, inference, i, i == len(self.layers) - 1)
         if inference is not None and inference.read_positions is not None and not packed:
             h = h.reshape(1, B * T, -1)[:, inference.read_positions]
         return self.head(h, labels, reduction)

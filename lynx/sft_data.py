@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lynx.prompt import truncate_document
+from lynx.prompt import ANSWER_END, DOCUMENT_END, truncate_document
 from lynx.rows import iter_json_lines
 
 IGNORE_INDEX = -100
@@ -187,8 +187,6 @@ def answer_token_span(tokenizer, messages: list[dict], ids: list[int]) -> tuple[
     """Token positions [start, end) of the ANSWER section's text in a Lynx prompt's chat ids: the tokens that start
     inside it (Llama-3's last one may carry the newlines after it). None when the user turn has no ANSWER section or
     the rendered conversation does not encode to `ids`."""
-    from lynx.prompt import ANSWER_END, DOCUMENT_END
-
     user = next((m["content"] for m in messages if m["role"] == "user"), "")
     start = user.rfind(DOCUMENT_END + "\n")
     end = user.find(ANSWER_END, start)

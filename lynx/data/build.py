@@ -413,10 +413,11 @@ def build(out_dir, *, seed: int = 17, sources=SOURCES, source_files=(), max_per_
                 examples.append(_example(row, split, fail_passage, q.answer, "FAIL",
                                          fail_reasoning(row.gold_answer, q, ctx), q, comp, variant))
             if split == "train" and train_document_edits:
-                rng = random.Random(f"{seed}:{row.id}:document")
-                q = p if edit_document(pass_passage, row.gold_answer, p) else \
-                    perturb(row.gold_answer, ctx, rng, types=DOCUMENT_EDIT_TYPES)
-                edited = edit_document(pass_passage, row.gold_answer, q) if q else None
+                q, edited = p, edit_document(pass_passage, row.gold_answer, p)
+                if edited is None:  # the FAIL answer is no replacement in the document: draw one that is
+                    q = perturb(row.gold_answer, ctx, random.Random(f"{seed}:{row.id}:document"),
+                                types=DOCUMENT_EDIT_TYPES)
+                    edited = edit_document(pass_passage, row.gold_answer, q) if q else None
                 if edited:
                     stats["train_document_edits"] += 1
                     back = invert(row.gold_answer, q)  # how the gold answer is wrong about the edited document
