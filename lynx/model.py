@@ -98,6 +98,9 @@ class InferenceOptions:
     read_positions: logits [1, N, V] of these N flat positions of the B * T tokens only (packed judging and
     generation's packed prefill read one position per document). With packed sequences the last block, too, runs its
     query, attention output and MLP at those positions only (lynx.attention.attention takes them under this name).
+    vocab_ids: logits of these vocabulary ids only, [..., len(vocab_ids)], in float32 whatever the model's dtype
+    (judging reads the PASS and FAIL tokens: bf16 logits near 20 are 0.125 apart, so a faithful answer and the same
+    answer with one fact changed would often get the very same p_pass).
     """
 
     kv_caches: list[KVCache] | None = None
@@ -106,6 +109,7 @@ class InferenceOptions:
     packed_kv_out: list[KVCache] | None = None
     last_logits_only: bool = False
     read_positions: torch.Tensor | None = None
+    vocab_ids: torch.Tensor | None = None
 
     def check(self, packed: bool, loss: bool) -> None:
         """Refuse options that do not apply to this pass (packed: cu_seqlens in attn_kwargs; loss: labels given)."""
@@ -113,6 +117,8 @@ class InferenceOptions:
             raise ValueError("last_logits_only returns logits; it cannot be combined with labels (a loss)")
         if self.read_positions is not None and loss:
             raise ValueError("read_positions returns logits; it cannot be combined with labels (a loss)")
+        if self.vocab_ids is not None and loss:
+            raise ValueError("vocab_ids returns logits; it cannot be combined with labels (a loss)")
         if self.last_logits_only and packed:
             raise ValueError("last_logits_only does not apply to packed sequences (cu_seqlens)")
         if self.packed_kv_out is not None and not packed:
@@ -220,8 +226,10 @@ class OutputHead(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, h, labels=None, reduction: str = "mean"):
+    def forward(self, h, labels=None, reduction: str = "mean", vocab_ids=None):
         h = self.norm(h)
+        if vocab_ids is not None:  # float32 products of the few rows read (InferenceOptions.vocab_ids)
+            return h.float() @ self.lm_head.weight[vocab_ids].float().T
         if labels is None:
             return self.lm_head(h)
         # Hugging Face convention: labels are aligned with the inputs; position t predicts labels[t + 1].
@@ -282,7 +290,7 @@ class Llama(nn.Module):
             h = layer(h, cos, sin, attn_kwargs, inference, i, i == len(self.layers) - 1)
         if inference is not None and inference.read_positions is not None and not packed:
             h = h.reshape(1, B * T, -1)[:, inference.read_positions]
-        return self.head(h, labels, reduction)
+        return self.head(h, labels, reduction, inference.vocab_ids if inference is not None else None)
 
     def new_kv_caches(self, batch_size: int, max_len: int, dtype=None, device=None,
                       zeroed: bool = True) -> list[KVCache]:

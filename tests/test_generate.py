@@ -8,7 +8,7 @@ import torch
 from lynx.generate import (CompiledRMSNorm, PrepackedLinear, PrepackedMLP, can_prepack, compile_rms_norms, generate,
                            prepack_linear_weights, run_generation)
 from lynx.infer import cpu_fast
-from lynx.model import Llama
+from lynx.model import InferenceOptions, Llama
 from tests.conftest import make_tiny_checkpoint, make_tiny_hf_model
 
 PROMPTS = [[5, 17, 33, 2, 250, 9, 41], [7, 8], [100, 101, 102, 103], [64]]
@@ -213,10 +213,14 @@ def test_prepacked_bf16_model_generates_bit_identical_output(tmp_path):
     for a, b in zip(got.watched_logits, expected.watched_logits):
         assert torch.equal(a, b)
     ids = torch.tensor([PROMPTS[0]])
+    vocab = InferenceOptions(vocab_ids=torch.tensor(watch))
     with torch.no_grad():
         assert torch.equal(packed(ids), plain(ids))
+        # The head keeps its plain weight for the float32 rows judging reads; no other linear has one any more.
+        assert torch.equal(packed(ids, inference=vocab), plain(ids, inference=vocab))
+    assert torch.equal(packed.head.lm_head.weight, plain.head.lm_head.weight)
     with pytest.raises(RuntimeError, match="prepacked"):
-        packed(ids, ids)  # the loss reads lm_head.weight, which no longer exists as a plain tensor
+        packed.layers[0].self_attn.q_proj.weight
 
 
 def test_fused_mlp_is_nearer_fp32_than_the_plain_bf16_model(tmp_path):

@@ -133,6 +133,23 @@ def test_fast_mode_p_pass_matches_direct_forward(judge):
     assert single.p_pass == pytest.approx(verdicts[1].p_pass, abs=1e-5)
 
 
+def test_fast_mode_p_pass_in_bf16_reads_the_score_logits_in_float32(judge_dir):
+    """In bf16, logits near 20 are 0.125 apart, so two answers a fact apart would often tie; fast mode computes the
+    PASS and FAIL logits as float32 products of the final hidden state (captured here) and those rows of the head."""
+    bf16 = Judge(judge_dir, dtype=torch.bfloat16, max_new_tokens=8, device="cpu")
+    pass_ids, fail_ids = bf16.fast_score_ids
+    hidden = []
+    hook = bf16.model.head.norm.register_forward_hook(lambda module, args, out: hidden.append(out))
+    verdicts = bf16.judge_batch(EXAMPLES, fast=True, batch_size=3)
+    hook.remove()
+    assert len(hidden) == 2  # the shared prefix's pass (prefix_kv_caches), then one packed pass of the three
+    h = hidden[1].reshape(-1, hidden[1].shape[-1]).float()  # the read positions, in packing order
+    assert h.shape[0] == len(EXAMPLES)
+    w = bf16.model.head.lm_head.weight.float()
+    expected = torch.sigmoid(torch.logsumexp(h @ w[pass_ids].T, -1) - torch.logsumexp(h @ w[fail_ids].T, -1))
+    assert sorted(v.p_pass for v in verdicts) == pytest.approx(sorted(expected.tolist()), abs=1e-6)
+
+
 @pytest.mark.parametrize("word", ["FAIL", "pass"])
 def test_full_mode_p_pass_reads_the_score_step(judge, monkeypatch, word):
     """Feed a known completion through the judge's full mode (generation replaced by teacher forcing with the real

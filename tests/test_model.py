@@ -212,3 +212,31 @@ def test_kv_cache_update_writes_the_slots_and_returns_what_attention_reads():
     assert torch.equal(values[:, 3:4], -k1) and torch.equal(cache.k[:, :, 3], k1[:, 0])  # cache layout [B, H, S, D]
     with pytest.raises(ValueError, match="consecutive slots"):
         cache.update(range(5, 7), k[:, :2], v[:, :2])  # past the end
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_vocab_ids_give_float32_logits_of_those_rows(tmp_path, dtype):
+    """vocab_ids: the logits of a few vocabulary rows, as float32 products of the final hidden state and those rows
+    of the output projection, so that in bf16 they keep the differences bf16 logits round away."""
+    model = Llama.from_pretrained(make_tiny_checkpoint(tmp_path / "tiny", seed=3), dtype=dtype)
+    ids = input_ids(seq_len=24)
+    vocab_ids = torch.tensor([3, 70, 200, 5])
+    normed = {}
+    hook = model.head.norm.register_forward_hook(lambda module, args, out: normed.update(h=out))
+    full = model(ids)
+    got = model(ids, inference=InferenceOptions(vocab_ids=vocab_ids))
+    assert got.dtype == torch.float32 and got.shape == (*ids.shape, len(vocab_ids))
+    hook.remove()
+    expected = normed["h"].float() @ model.head.lm_head.weight[vocab_ids].float().T
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, full[..., vocab_ids], rtol=0, atol=1e-5)
+    else:  # the bf16 logits are these, rounded; these keep more than bf16 can hold
+        torch.testing.assert_close(full[..., vocab_ids].float(), got, rtol=2 ** -8, atol=1e-6)
+        assert not torch.equal(got, got.bfloat16().float())
+    read = InferenceOptions(read_positions=torch.tensor([5, 30]), vocab_ids=vocab_ids)
+    torch.testing.assert_close(model(ids, inference=read), got.reshape(1, -1, len(vocab_ids))[:, [5, 30]],
+                               rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="vocab_ids"):
+        model(ids, ids, inference=InferenceOptions(vocab_ids=vocab_ids))

@@ -23,16 +23,21 @@ class PrepackedLinear(nn.Module):
     few rows of a decode step that costs more than the product (a 32000 x 512 output projection, 8 rows, weights
     not in cache: 4.4 ms plain, 2.8 ms prepacked). Same kernel, same results, bit for bit (tested)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, keep_weight: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        # The output head keeps its plain weight as well: judging reads a few of its rows in float32
+        # (InferenceOptions.vocab_ids). A tied head shares it with the embedding, so that costs no memory there.
+        self.kept_weight = linear.weight.detach() if keep_weight else None
 
     def forward(self, x):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
 
     @property
     def weight(self):
+        if self.kept_weight is not None:
+            return self.kept_weight
         raise RuntimeError(
             "this model's linear weights were prepacked for CPU inference "
             "(lynx.infer.cpu_fast.prepack_linear_weights); it cannot compute a loss, train or be saved: load the "
@@ -85,7 +90,7 @@ def prepack_linear_weights(model: Llama, fuse_mlp: bool = True) -> bool:
             if fuse_mlp and isinstance(child, MLP):
                 setattr(parent, name, PrepackedMLP(child))
             elif isinstance(child, nn.Linear) and child.bias is None:
-                setattr(parent, name, PrepackedLinear(child))
+                setattr(parent, name, PrepackedLinear(child, keep_weight=child is model.head.lm_head))
     return True
 
 

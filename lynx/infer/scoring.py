@@ -122,10 +122,12 @@ def packed_p_pass(model, seq, score_ids: tuple[list[int], list[int]], device,
     else:
         prefix_caches, ends = None, ends + P
         attn_kwargs = {"cu_seqlens": cu_seqlens.to(device), "prefix_len": P}
+    pass_ids, fail_ids = score_ids
+    vocab_ids = torch.tensor([*pass_ids, *fail_ids], device=device)  # their logits only, in float32
     logits = model(
         input_ids.to(device), position_ids=position_ids.to(device), attn_kwargs=attn_kwargs,
-        inference=InferenceOptions(prefix_caches=prefix_caches, read_positions=ends.to(device)),
+        inference=InferenceOptions(prefix_caches=prefix_caches, read_positions=ends.to(device), vocab_ids=vocab_ids),
     )[0].double()
-    pass_ids, fail_ids = score_ids
-    p = torch.sigmoid(torch.logsumexp(logits[:, pass_ids], -1) - torch.logsumexp(logits[:, fail_ids], -1))
+    n = len(pass_ids)
+    p = torch.sigmoid(torch.logsumexp(logits[:, :n], -1) - torch.logsumexp(logits[:, n:], -1))
     return list(zip(seq.indices, p.tolist()))
