@@ -145,9 +145,8 @@ def test_fast_mode_p_pass_in_bf16_reads_the_score_logits_in_float32(judge_dir):
     assert len(hidden) == 2  # the shared prefix's pass (prefix_kv_caches), then one packed pass of the three
     h = hidden[1].reshape(-1, hidden[1].shape[-1]).float()  # the read positions, in packing order
     assert h.shape[0] == len(EXAMPLES)
-    w = bf16.model.head.lm_head.weight.float()
-    expected = torch.sigmoid(torch.logsumexp(h @ w[pass_ids].T, -1) - torch.logsumexp(h @ w[fail_ids].T, -1))
-    assert sorted(v.p_pass for v in verdicts) == pytest.approx(sorted(expected.tolist()), abs=1e-6)
+    expected = [reference_p_pass(row, pass_ids, fail_ids) for row in h @ bf16.model.head.lm_head.weight.float().T]
+    assert sorted(v.p_pass for v in verdicts) == pytest.approx(sorted(expected), abs=1e-6)
 
 
 @pytest.mark.parametrize("word", ["FAIL", "pass"])

@@ -40,7 +40,7 @@ class PrepackedLinear(nn.Module):
             return self.kept_weight
         raise RuntimeError(
             "this model's linear weights were prepacked for CPU inference "
-            "(lynx.infer.cpu_fast.prepack_linear_weights); it cannot compute a loss, train or be saved: load the "
+            "(lynx.infer.cpu_fast.prepack_linear_weights); it cannot train or be saved: load the "
             "checkpoint again for that"
         )
 
